@@ -1,0 +1,26 @@
+# `make run`: the quickstart (Defend++ and a plain baseline on the embedded digits, offline).
+# `make test`: the whole test suite. Both create .venv from requirements.txt on first use.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+export JAX_COMPILATION_CACHE_DIR ?= $(CURDIR)/.cache/jax
+export PYTHONPATH := $(CURDIR)
+
+.PHONY: run test venv clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	touch $@
+
+run: venv
+	$(PY) -m launch.quickstart --workdir=runs/quickstart
+
+test: venv
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf runs .cache

@@ -1,0 +1,65 @@
+"""Fields shared by every config; dataset configs import this and override what differs.
+
+Not a runnable config itself: see configs/mnist.py, configs/cifar10.py, configs/quickstart.py.
+"""
+
+import ml_collections
+
+
+def get_base_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+
+  config.data = ml_collections.ConfigDict()
+  config.data.name = 'mnist'          # mnist | cifar10 | digits
+  config.data.data_dir = ''           # raw files; '' -> $DEFENDPP_DATA_DIR, else tfds
+  config.data.train_limit = 0         # 0 = the whole split
+  config.data.test_limit = 0
+
+  config.model = ml_collections.ConfigDict()
+  config.model.arch = 'resnet18'      # resnet18 | resnet34 | resnet50 | vgg16
+  config.model.width = 64             # base width; 64 = the paper's networks
+  config.model.shared_blocks = 4      # encoding blocks shared by classifier and AE (1-4; VGG 1-5)
+  config.model.decoder = 'pyramid'    # pyramid | hourglass | hourglass_sc | hourglass_sa | none
+  config.model.num_levels = 0         # pyramid levels M; 0 = all with the coarsest >= 7x7
+  config.model.stem = 'auto'          # auto (CIFAR-style 3x3 for <= 32 px) | cifar | imagenet
+
+  config.loss = ml_collections.ConfigDict()
+  config.loss.targets = 'dct'         # dct (MS-LP) | linear (MS-LI ablation)
+  config.loss.lambda_ms = 0.01        # lambda of eq. 3; 0 = "w/o MS-LP" (full scale only)
+  config.loss.full_scale_weight = 1.0 # weight of ||I~0 - I0||^2 (paper 1; authors' code 0.8)
+
+  config.train = ml_collections.ConfigDict()
+  config.train.num_epochs = 250
+  config.train.batch_size = 256       # global, over all devices
+  config.train.seed = 0
+  config.train.learning_rate = 0.01
+  config.train.lr_decay_epochs = (100, 200)
+  config.train.lr_decay_factor = 0.1
+  config.train.momentum = 0.9
+  config.train.weight_decay = 5e-4
+  config.train.schedule = 'joint'     # joint | alternating (paper Sec. 3.4)
+  config.train.alternating = ml_collections.ConfigDict()
+  config.train.alternating.ae_epochs = 1
+  config.train.alternating.cls_epochs = 1
+  config.train.alternating.cycles = 2
+  config.train.noise_std = 0.0        # > 0: Gaussian noise on the AE code ("ours + GN")
+  config.train.log_every_steps = 50
+  config.train.checkpoint_every_steps = 500
+  config.train.max_to_keep = 3
+
+  config.eval = ml_collections.ConfigDict()
+  config.eval.batch_size = 500
+  return config
+
+
+def apply_smoke(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Shrinks any config to a seconds-long run for tests (the ':smoke' argument)."""
+  config.model.width = 4
+  config.data.train_limit = 128
+  config.data.test_limit = 64
+  config.train.num_epochs = 1
+  config.train.batch_size = 32
+  config.train.log_every_steps = 2
+  config.train.checkpoint_every_steps = 2
+  config.eval.batch_size = 32
+  return config

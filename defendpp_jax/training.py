@@ -1,0 +1,413 @@
+"""Joint (and alternating) training of Defend++ and its baselines, data-parallel on all devices.
+
+Usage:
+  summary = train_and_evaluate(config, workdir)   # resumes from workdir's latest checkpoint
+
+One jitted step runs on a ('data',) mesh of every device: the global batch is sharded along
+'data', parameters and optimizer state are replicated, and XLA inserts the cross-device means, so
+BatchNorm statistics and gradients are those of the whole global batch on 1 or N devices.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import math
+import os
+import signal
+import time
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from defendpp_jax import checkpointing
+from defendpp_jax import data as data_lib
+from defendpp_jax import frequency
+from defendpp_jax import losses
+from defendpp_jax import models
+
+SCHEDULES = ('joint', 'alternating')
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+
+  @property
+  def variables(self) -> dict[str, Any]:
+    return {'params': self.params, 'batch_stats': self.batch_stats}
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration checks.
+
+
+def _choice(config, path: str, choices) -> None:
+  value = config
+  for part in path.split('.'):
+    value = value[part]
+  if value not in choices:
+    raise ValueError(f'config.{path}={value!r} is not one of {tuple(choices)}')
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Fails fast, naming the field, on a config value the trainer cannot run."""
+  _choice(config, 'data.name', data_lib.DATASETS)
+  _choice(config, 'model.arch', models.ARCHS)
+  _choice(config, 'model.decoder', models.DECODERS)
+  _choice(config, 'loss.targets', frequency.TARGET_KINDS)
+  _choice(config, 'train.schedule', SCHEDULES)
+  max_shared = 5 if config.model.arch == 'vgg16' else 4
+  if not 1 <= config.model.shared_blocks <= max_shared:
+    raise ValueError(f'config.model.shared_blocks={config.model.shared_blocks} must be in '
+                     f'[1, {max_shared}] for {config.model.arch}')
+  positive = {'model.width': config.model.width, 'train.batch_size': config.train.batch_size,
+              'train.learning_rate': config.train.learning_rate,
+              'eval.batch_size': config.eval.batch_size}
+  for name, value in positive.items():
+    if not value > 0:
+      raise ValueError(f'config.{name} must be > 0, got {value}')
+  non_negative = {'train.num_epochs': config.train.num_epochs,
+                  'loss.lambda_ms': config.loss.lambda_ms,
+                  'loss.full_scale_weight': config.loss.full_scale_weight,
+                  'train.noise_std': config.train.noise_std,
+                  'train.weight_decay': config.train.weight_decay}
+  for name, value in non_negative.items():
+    if not value >= 0:
+      raise ValueError(f'config.{name} must be >= 0, got {value}')
+  num_devices = jax.device_count()
+  if config.train.batch_size % num_devices:
+    raise ValueError(f'config.train.batch_size={config.train.batch_size} is not divisible by '
+                     f'the {num_devices} devices')
+
+
+# ---------------------------------------------------------------------------------------------
+# Model, optimizer, state.
+
+
+def build(config: ml_collections.ConfigDict, ds: data_lib.Dataset) -> models.DefendPP:
+  return models.build_model(config.model, ds.num_classes, ds.image_shape, ds.mean, ds.std,
+                            noise_std=config.train.noise_std)
+
+
+def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """SGD with momentum and (PyTorch-style, coupled) weight decay; step-decay learning rate."""
+  tc = config.train
+  boundaries = {int(e) * steps_per_epoch: tc.lr_decay_factor for e in tc.lr_decay_epochs
+                if int(e) > 0}
+  schedule = optax.piecewise_constant_schedule(tc.learning_rate, boundaries)
+  tx = optax.chain(optax.add_decayed_weights(tc.weight_decay),
+                   optax.sgd(schedule, momentum=tc.momentum))
+  return tx, schedule
+
+
+def init_state(model: models.DefendPP, tx: optax.GradientTransformation, key: jax.Array,
+               batch_size: int = 2) -> TrainState:
+  """Initial parameters; AE-owned encoder blocks start as copies of the classifier's."""
+  variables = model.init({'params': key, 'noise': key},
+                         jnp.zeros((batch_size, *model.image_shape), jnp.float32))
+  params = dict(variables['params'])
+  stats = dict(variables.get('batch_stats', {}))
+  for name in list(params):
+    if name.startswith('ae_E'):
+      block = name[len('ae_'):]
+      params[name] = params['classifier'][block]
+      stats[name] = stats['classifier'][block]
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=stats,
+                    opt_state=tx.init(params))
+
+
+def phase_weights(config: ml_collections.ConfigDict, epoch: int) -> tuple[float, float, str]:
+  """(classification weight, reconstruction weight, phase name) of `epoch` (paper Sec. 3.4).
+
+  'alternating': cycles of AE-alone epochs then classifier-alone epochs, then joint learning.
+  The shared blocks are one set of parameters, so the paper's "copy the encoder weights into the
+  classifier and back" happens by construction.
+  """
+  if config.model.decoder == 'none':
+    return 1.0, 0.0, 'classifier'
+  if config.train.schedule == 'alternating':
+    alt = config.train.alternating
+    period = alt.ae_epochs + alt.cls_epochs
+    if epoch < alt.cycles * period:
+      return (0.0, 1.0, 'ae') if epoch % period < alt.ae_epochs else (1.0, 0.0, 'classifier')
+  return 1.0, 1.0, 'joint'
+
+
+# ---------------------------------------------------------------------------------------------
+# Steps.
+
+
+def train_step(state: TrainState, images: jax.Array, labels: jax.Array, weights: jax.Array,
+               key: jax.Array, *, model: models.DefendPP, tx: optax.GradientTransformation,
+               targets: str, lambda_ms: float, full_scale_weight: float
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One SGD step on L = w_ce CE + w_rec (||I~0 - I0||^2 + lambda sum_m ||I~m - Im||^2)."""
+
+  def loss_fn(params):
+    (logits, recs), new_vars = model.apply(
+        {'params': params, 'batch_stats': state.batch_stats}, images, train=True,
+        mutable=['batch_stats'], rngs={'noise': jax.random.fold_in(key, state.step)})
+    ce = losses.cross_entropy(logits, labels)
+    rec_full, rec_ms = losses.reconstruction(recs, images, targets)
+    loss = weights[0] * ce + weights[1] * (full_scale_weight * rec_full + lambda_ms * rec_ms)
+    metrics = {'loss': loss, 'ce': ce, 'rec_full': rec_full, 'rec_ms': rec_ms,
+               'correct': jnp.sum(jnp.argmax(logits, -1) == labels), 'seen': labels.shape[0]}
+    return loss, (new_vars['batch_stats'], metrics)
+
+  grads, (batch_stats, metrics) = jax.grad(loss_fn, has_aux=True)(state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  return TrainState(state.step + 1, params, batch_stats, opt_state), metrics
+
+
+def eval_step(variables: Any, images: jax.Array, labels: jax.Array, mask: jax.Array, *,
+              model: models.DefendPP) -> jax.Array:
+  """Number of correctly classified, unmasked examples (classifier alone, inference mode)."""
+  logits = model.apply(variables, images, method='classify')
+  return jnp.sum((jnp.argmax(logits, -1) == labels) & mask)
+
+
+def make_mesh(devices=None) -> Mesh:
+  return Mesh(np.asarray(devices if devices is not None else jax.devices()), ('data',))
+
+
+def jit_train_step(step_fn: Callable, mesh: Mesh) -> Callable:
+  """Jits `step_fn(state, images, labels, weights, key)` with the batch sharded over 'data'."""
+  repl, batch = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
+  return jax.jit(step_fn, in_shardings=(repl, batch, batch, repl, repl),
+                 out_shardings=(repl, repl), donate_argnums=(0,))
+
+
+def shard_batch(mesh: Mesh, *arrays: np.ndarray) -> tuple[jax.Array, ...]:
+  """Global arrays from this process's rows, sharded along 'data'."""
+  sharding = NamedSharding(mesh, P('data'))
+  return tuple(jax.make_array_from_process_local_data(sharding, a) for a in arrays)
+
+
+def evaluate_clean(model: models.DefendPP, variables: Any, images: np.ndarray,
+                   labels: np.ndarray, batch_size: int, mesh: Mesh | None = None
+                   ) -> tuple[int, int]:
+  """(correct, seen) of the inference-mode classifier on a whole split, padded batches masked."""
+  mesh = mesh or make_mesh()
+  batch_size = math.ceil(batch_size / mesh.size) * mesh.size
+  step = jax.jit(functools.partial(eval_step, model=model))
+  correct = 0
+  for x, y, m in data_lib.eval_batches(images, labels, batch_size):
+    correct += int(step(variables, *_device_put_batch(mesh, x, y, m)))
+  return correct, len(labels)
+
+
+def _device_put_batch(mesh: Mesh, *arrays: np.ndarray) -> tuple[jax.Array, ...]:
+  """Shards a batch that every process holds whole (evaluation) along 'data'."""
+  sharding = NamedSharding(mesh, P('data'))
+  return tuple(jax.device_put(a, sharding) for a in arrays)
+
+
+# ---------------------------------------------------------------------------------------------
+# Summaries.
+
+
+def param_l2(params: Any) -> float:
+  return float(math.sqrt(sum(float(np.sum(np.asarray(p, np.float64) ** 2))
+                             for p in jax.tree_util.tree_leaves(params))))
+
+
+def params_sha256(params: Any) -> str:
+  """SHA-256 of all parameter bytes, leaves in flax's sorted-key flattening order."""
+  h = hashlib.sha256()
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    h.update(jax.tree_util.keystr(path).encode())
+    h.update(np.ascontiguousarray(np.asarray(leaf, np.float32)).tobytes())
+  return h.hexdigest()
+
+
+class _Writer:
+  """TensorBoard scalars (process 0 only)."""
+
+  def __init__(self, logdir: str):
+    self._tb = None
+    if jax.process_index() == 0:
+      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      self._tb = SummaryWriter(logdir)
+
+  def scalars(self, step: int, values: dict[str, float]) -> None:
+    if self._tb is not None:
+      for k, v in values.items():
+        self._tb.add_scalar(k, v, step)
+      self._tb.flush()
+
+  def close(self) -> None:
+    if self._tb is not None:
+      self._tb.close()
+
+
+class _Preemption:
+  """Turns SIGTERM into a flag the training loop checks between steps."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread: no handler, no preemption support
+      self._previous = None
+    return self
+
+  def _handle(self, signum, frame):  # pylint: disable=unused-argument
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def _log(msg: str) -> None:
+  if jax.process_index() == 0:
+    print(msg, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop.
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains per `config`, resuming from `workdir`, and writes `workdir/train_summary.json`."""
+  validate_config(config)
+  os.makedirs(workdir, exist_ok=True)
+  ds = data_lib.load_dataset(config.data.name, config.data.data_dir or None,
+                             config.data.train_limit or None, config.data.test_limit or None)
+  model = build(config, ds)
+  spe = data_lib.steps_per_epoch(len(ds.train_labels), config.train.batch_size)
+  total_steps = spe * config.train.num_epochs
+  tx, schedule = make_optimizer(config, spe)
+  mesh = make_mesh()
+  repl = NamedSharding(mesh, P())
+  key = jax.random.key(config.train.seed)
+  init_key, step_key = jax.random.split(key)
+  state = jax.jit(functools.partial(init_state, model, tx), out_shardings=repl)(init_key)
+
+  ckpt = checkpointing.Checkpointer(os.path.join(workdir, 'checkpoints'),
+                                    max_to_keep=config.train.max_to_keep)
+  restored, meta = ckpt.restore_latest(checkpointing.abstract_like(state))
+  if restored is not None:
+    state = restored
+    _log(f'resumed from step {int(state.step)} ({ckpt.directory})')
+  start = int(state.step)
+
+  step_fn = jit_train_step(functools.partial(
+      train_step, model=model, tx=tx, targets=config.loss.targets,
+      lambda_ms=config.loss.lambda_ms, full_scale_weight=config.loss.full_scale_weight), mesh)
+  writer = _Writer(os.path.join(workdir, 'tensorboard'))
+  n_params = sum(p.size for p in jax.tree_util.tree_leaves(state.params))
+  n_cls = sum(p.size for p in jax.tree_util.tree_leaves(state.params['classifier']))
+  _log(f'{config.data.name}: {len(ds.train_labels)} train / {len(ds.test_labels)} test '
+       f'{ds.image_shape}; {config.model.arch} width {config.model.width}, decoder '
+       f'{config.model.decoder}, shared blocks {config.model.shared_blocks}; {n_params:,} params '
+       f'({n_cls:,} in the classifier); {jax.device_count()} device(s); '
+       f'{total_steps} steps of batch {config.train.batch_size}')
+
+  def save(step: int, metrics: dict[str, Any] | None) -> None:
+    if metrics is not None:
+      _check_finite(metrics, step, ckpt)
+    ckpt.save(step, state, meta={'step': step, 'epoch': step // spe,
+                                 'step_in_epoch': step % spe, 'data_seed': config.train.seed})
+
+  metrics, last_saved, t0, seen_t0, step = None, start, time.time(), start, start
+  stopped_early = False
+  with _Preemption() as preemption:
+    for epoch in range(start // spe, config.train.num_epochs):
+      w_ce, w_rec, phase = phase_weights(config, epoch)
+      weights = jnp.asarray([w_ce, w_rec], jnp.float32)
+      batches = data_lib.train_batches(
+          ds, config.train.batch_size, config.train.seed, epoch,
+          start_step=(start % spe) if epoch == start // spe else 0,
+          process_index=jax.process_index(), process_count=jax.process_count())
+      for images, labels in batches:
+        images, labels = shard_batch(mesh, images, labels)
+        state, metrics = step_fn(state, images, labels, weights, step_key)
+        step += 1  # a host-side counter: reading state.step would wait for the device
+        if step % config.train.log_every_steps == 0 or step == total_steps:
+          m = _check_finite(metrics, step, ckpt)
+          rate = (step - seen_t0) * config.train.batch_size / max(time.time() - t0, 1e-9)
+          t0, seen_t0 = time.time(), step
+          m['train_accuracy'] = m.pop('correct') / max(m.pop('seen'), 1)
+          m['learning_rate'] = float(schedule(step))
+          writer.scalars(step, m)
+          _log(f'[{step}/{total_steps}] epoch {epoch} ({phase}) loss {m["loss"]:.4f} '
+               f'ce {m["ce"]:.4f} rec {m["rec_full"]:.5f} ms {m["rec_ms"]:.5f} '
+               f'acc {m["train_accuracy"]:.3f} lr {m["learning_rate"]:.4g} {rate:.0f} img/s')
+        if step % config.train.checkpoint_every_steps == 0:
+          save(step, metrics)
+          last_saved = step
+        if preemption.requested:
+          _log(f'SIGTERM received: saving step {step} and exiting')
+          if last_saved != step:
+            save(step, metrics)
+          stopped_early = True
+          break
+      if stopped_early:
+        break
+    final_step = int(state.step)
+    if not stopped_early and final_step != last_saved:
+      save(final_step, metrics)
+  ckpt.close()
+  writer.close()
+  if stopped_early:
+    return {'step': final_step, 'preempted': True}
+
+  correct, seen = evaluate_clean(model, state.variables, ds.test_images, ds.test_labels,
+                                 config.eval.batch_size, mesh)
+  summary = {
+      'clean_accuracy': correct / seen, 'correct': correct, 'seen': seen, 'step': final_step,
+      'param_l2': param_l2(state.params), 'params_sha256': params_sha256(state.params),
+      'model': f'{config.model.arch}-w{config.model.width}-{config.model.decoder}',
+      'num_devices': jax.device_count(), 'config': config.to_dict(),
+  }
+  writer = _Writer(os.path.join(workdir, 'tensorboard'))
+  writer.scalars(final_step, {'test_clean_accuracy': summary['clean_accuracy']})
+  writer.close()
+  if jax.process_index() == 0:
+    _write_json(os.path.join(workdir, 'train_summary.json'), summary)
+  _log(f'clean test accuracy {summary["clean_accuracy"]:.4f} ({correct}/{seen}) at step '
+       f'{final_step}; summary in {os.path.join(workdir, "train_summary.json")}')
+  return summary
+
+
+def _check_finite(metrics: dict[str, jax.Array], step: int,
+                  ckpt: checkpointing.Checkpointer) -> dict[str, float]:
+  values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+  if not math.isfinite(values['loss']):
+    raise FloatingPointError(
+        f'non-finite loss {values["loss"]} at step {step}; stopping without saving. Last good '
+        f'checkpoint: step {ckpt.latest_step()} in {ckpt.directory}')
+  return values
+
+
+def _write_json(path: str, obj: Any) -> None:
+  """Atomic write: a crash leaves the previous file intact."""
+  tmp = f'{path}.tmp{os.getpid()}'
+  with open(tmp, 'w') as f:
+    json.dump(obj, f, indent=2, sort_keys=True, default=_json_default)
+  os.replace(tmp, path)
+
+
+def _json_default(obj):
+  if isinstance(obj, (np.integer, np.floating)):
+    return obj.item()
+  if isinstance(obj, (tuple, set)):
+    return list(obj)
+  return str(obj)

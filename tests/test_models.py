@@ -1,0 +1,136 @@
+"""Architectures: decoder output shapes, classifier identity, weight sharing."""
+
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from defendpp_jax import models
+from defendpp_jax import training
+
+def _shapes(model, shape, batch=2):
+  x = jnp.zeros((batch, *shape))
+  variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x))
+  (logits, recs), _ = jax.eval_shape(
+      lambda v: model.apply(v, x, train=True, mutable=['batch_stats']), variables)
+  return variables, logits, recs
+
+
+# Every arch x decoder on MNIST-sized inputs; every arch with the paper's decoder on CIFAR-sized.
+@pytest.mark.parametrize('arch', models.ARCHS)
+@pytest.mark.parametrize('shape,decoder',
+                         [((28, 28, 1), d) for d in models.DECODERS] + [((32, 32, 3), 'pyramid')])
+def test_decoder_shapes_at_every_scale(arch, shape, decoder):
+  model = models.DefendPP(arch=arch, image_shape=shape, width=4, shared_blocks=2,
+                          decoder=decoder, num_classes=7)
+  variables, logits, recs = _shapes(model, shape)
+  chex.assert_shape(logits, (2, 7))
+  if decoder == 'none':
+    assert recs == [] and set(variables['params']) == {'classifier'}
+    return
+  # 28 -> 28, 14, 7; 32 -> 32, 16, 8: no output below 7x7.
+  assert len(recs) == 3
+  for m, r in enumerate(recs):
+    chex.assert_shape(r, (2, shape[0] // 2**m, shape[1] // 2**m, shape[2]))
+  num_blocks = 5 if arch == 'vgg16' else 4
+  owned = {f'ae_E{k}' for k in range(2, num_blocks)}
+  assert owned <= set(variables['params'])
+
+
+def test_imagenet_stem_shapes():
+  model = models.DefendPP(arch='resnet18', image_shape=(64, 64, 3), width=4, decoder='pyramid')
+  variables, logits, recs = _shapes(model, (64, 64, 3))
+  stem = variables['params']['classifier']['E0']['stem']['kernel']
+  assert stem.shape[:2] == (7, 7)  # > 32 px: the ImageNet stem
+  assert [r.shape[1] for r in recs] == [64, 32, 16, 8]
+
+
+@pytest.mark.parametrize('arch', ['resnet18', 'vgg16'])
+def test_classify_is_the_plain_classifier(arch):
+  shape = (28, 28, 1)
+  model = models.DefendPP(arch=arch, image_shape=shape, width=4, shared_blocks=1)
+  x = jax.random.uniform(jax.random.key(1), (3, *shape))
+  variables = jax.jit(model.init)(jax.random.key(0), x)
+  plain = models.Classifier(arch, 10, width=4, image_size=28)
+  sub = {'params': variables['params']['classifier'],
+         'batch_stats': variables['batch_stats']['classifier']}
+  expected = jax.jit(plain.apply)(sub, x)
+  classify = jax.jit(functools.partial(model.apply, method='classify'))
+  chex.assert_trees_all_close(classify(variables, x), expected, atol=1e-5)
+  logits, _ = jax.jit(model.apply)(variables, x)
+  chex.assert_trees_all_close(logits, expected, atol=1e-5)
+  # The no-defence model has exactly the classifier's parameters.
+  baseline = models.DefendPP(arch=arch, image_shape=shape, width=4, decoder='none')
+  b_vars = jax.eval_shape(baseline.init, jax.random.key(0), x)
+  chex.assert_trees_all_equal_shapes(b_vars['params']['classifier'], sub['params'])
+
+
+def _config(shared_blocks, weight_decay=0.0):
+  config = ml_collections.ConfigDict({
+      'model': {'arch': 'resnet18', 'width': 4, 'shared_blocks': shared_blocks,
+                'decoder': 'pyramid', 'num_levels': 0, 'stem': 'auto'},
+      'train': {'learning_rate': 0.1, 'lr_decay_epochs': (), 'lr_decay_factor': 0.1,
+                'momentum': 0.9, 'weight_decay': weight_decay}})
+  return config
+
+
+@pytest.mark.parametrize('shared_blocks', [1, 3])
+def test_shared_blocks_are_one_set_of_weights(shared_blocks):
+  config = _config(shared_blocks)
+  model = models.build_model(config.model, 10, (28, 28, 1))
+  tx, _ = training.make_optimizer(config, steps_per_epoch=1)
+  state = jax.jit(functools.partial(training.init_state, model, tx))(jax.random.key(0))
+  # AE-owned copies start equal to the classifier's blocks, but are separate parameters.
+  for k in range(shared_blocks, 4):
+    chex.assert_trees_all_equal(state.params[f'ae_E{k}'], state.params['classifier'][f'E{k}'])
+  for k in range(shared_blocks):
+    assert f'ae_E{k}' not in state.params
+  x = jax.random.uniform(jax.random.key(1), (4, 28, 28, 1))
+  y = jnp.arange(4) % 10
+  step = jax.jit(functools.partial(training.train_step, model=model, tx=tx, targets='dct',
+                                   lambda_ms=0.01, full_scale_weight=1.0))
+  before = state.params
+  # Reconstruction loss only (weights = (w_ce, w_rec) = (0, 1)).
+  after, _ = step(state, x, y, jnp.asarray([0.0, 1.0]), jax.random.key(2))
+  changed = lambda a, b: any(not np.allclose(u, v) for u, v in
+                             zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
+  cls_before, cls_after = before['classifier'], after.params['classifier']
+  for k in range(4):
+    assert changed(cls_before[f'E{k}'], cls_after[f'E{k}']) == (k < shared_blocks), k
+  assert not changed(cls_before['head'], cls_after['head'])
+  for k in range(shared_blocks, 4):
+    assert changed(before[f'ae_E{k}'], after.params[f'ae_E{k}'])
+  # Classification loss only: the decoder and AE-owned blocks do not move.
+  after, _ = step(state, x, y, jnp.asarray([1.0, 0.0]), jax.random.key(2))
+  assert not changed(before['dec'], after.params['dec'])
+  assert changed(cls_before['head'], after.params['classifier']['head'])
+
+
+def test_gaussian_noise_only_in_training():
+  model = models.DefendPP(image_shape=(28, 28, 1), width=4, noise_std=1.0)
+  x = jax.random.uniform(jax.random.key(1), (2, 28, 28, 1))
+  v = jax.jit(model.init)({'params': jax.random.key(0), 'noise': jax.random.key(0)}, x)
+  train_apply = jax.jit(lambda v, k: model.apply(v, x, train=True, mutable=['batch_stats'],
+                                                 rngs={'noise': k})[0])
+  (l1, r1), (l2, r2) = train_apply(v, jax.random.key(1)), train_apply(v, jax.random.key(2))
+  assert not np.allclose(r1[0], r2[0])
+  chex.assert_trees_all_close(l1, l2)  # the classifier never sees the noise
+  eval_apply = jax.jit(lambda v: model.apply(v, x, train=False))
+  chex.assert_trees_all_close(eval_apply(v), eval_apply(v))  # no noise at inference
+
+
+def test_bad_model_settings_raise():
+  x = jnp.zeros((1, 28, 28, 1))
+  with pytest.raises(ValueError, match='shared_blocks'):
+    models.DefendPP(image_shape=(28, 28, 1), width=4, shared_blocks=5).init(jax.random.key(0), x)
+  with pytest.raises(ValueError, match='decoder'):
+    models.DefendPP(image_shape=(28, 28, 1), width=4, decoder='unet').init(jax.random.key(0), x)
+  with pytest.raises(ValueError, match='arch'):
+    models.DefendPP(arch='resnet101', image_shape=(28, 28, 1)).init(jax.random.key(0), x)
+  with pytest.raises(ValueError, match='shape'):
+    models.DefendPP(image_shape=(32, 32, 3), width=4).init(jax.random.key(0), x)

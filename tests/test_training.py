@@ -1,0 +1,132 @@
+"""Training step, config checks, checkpoints and the end-to-end trainer on tiny configs."""
+
+import functools
+import json
+import os
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import quickstart
+from defendpp_jax import checkpointing
+from defendpp_jax import models
+from defendpp_jax import training
+
+
+def _tiny(decoder='pyramid', **train):
+  config = quickstart.get_config('smoke')
+  config.model.decoder = decoder
+  config.train.update(train)
+  model = models.build_model(config.model, 10, (28, 28, 1))
+  tx, _ = training.make_optimizer(config, steps_per_epoch=4)
+  state = jax.jit(functools.partial(training.init_state, model, tx))(jax.random.key(0))
+  return config, model, tx, state
+
+
+def test_train_step_compiles_once_and_learns():
+  config, model, tx, state = _tiny()
+
+  @jax.jit
+  @chex.assert_max_traces(n=1)
+  def step(state, x, y, weights, key):
+    return training.train_step(state, x, y, weights, key, model=model, tx=tx, targets='dct',
+                               lambda_ms=0.01, full_scale_weight=1.0)
+
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.uniform(size=(16, 28, 28, 1)), jnp.float32)
+  y = jnp.asarray(rng.integers(0, 10, 16), jnp.int32)
+  weights = jnp.ones(2)
+  losses = []
+  for i in range(6):  # same shapes and dtypes: one trace, however the weights change
+    state, metrics = step(state, x, y, weights * (1.0 if i % 2 else 0.5), jax.random.key(i))
+    losses.append(float(metrics['loss']) / (1.0 if i % 2 else 0.5))
+  assert int(state.step) == 6
+  assert losses[-1] < losses[0]  # a fixed batch is fitted
+  assert all(np.isfinite(losses))
+
+
+def test_config_errors_name_the_field():
+  config = quickstart.get_config('smoke')
+  for field, value, match in [('model.decoder', 'unet', 'config.model.decoder'),
+                              ('model.arch', 'resnet101', 'config.model.arch'),
+                              ('loss.targets', 'wavelet', 'config.loss.targets'),
+                              ('train.schedule', 'cyclic', 'config.train.schedule'),
+                              ('model.shared_blocks', 5, 'config.model.shared_blocks'),
+                              ('train.batch_size', 0, 'config.train.batch_size'),
+                              ('loss.lambda_ms', -1.0, 'config.loss.lambda_ms'),
+                              ('data.name', 'svhn', 'config.data.name')]:
+    bad = quickstart.get_config('smoke')
+    section, name = field.split('.')
+    bad[section][name] = value
+    with pytest.raises(ValueError, match=match):
+      training.validate_config(bad)
+  training.validate_config(config)
+  with pytest.raises(ValueError, match='smoke'):
+    quickstart.get_config('smok')
+
+
+def test_alternating_schedule_phases():
+  config = quickstart.get_config('smoke')
+  config.train.schedule = 'alternating'
+  config.train.alternating.update(ae_epochs=2, cls_epochs=1, cycles=2)
+  phases = [training.phase_weights(config, e)[2] for e in range(8)]
+  assert phases == ['ae', 'ae', 'classifier', 'ae', 'ae', 'classifier', 'joint', 'joint']
+  assert training.phase_weights(config, 0)[:2] == (0.0, 1.0)
+  config.model.decoder = 'none'
+  assert training.phase_weights(config, 0)[:2] == (1.0, 0.0)
+
+
+def test_checkpoint_round_trip_and_truncated_fallback(tmp_path, capsys):
+  _, _, _, state = _tiny()
+  ckpt = checkpointing.Checkpointer(str(tmp_path), max_to_keep=3, async_save=False)
+  ckpt.save(1, state, meta={'epoch': 0})
+  later = state.replace(step=state.step + 1,
+                        params=jax.tree_util.tree_map(lambda p: p + 1.0, state.params))
+  ckpt.save(2, later)
+  ckpt.close()
+  reader = checkpointing.Checkpointer(str(tmp_path))
+  abstract = checkpointing.abstract_like(state)
+  restored, meta = reader.restore(1, abstract)
+  chex.assert_trees_all_equal(restored, state)
+  assert meta == {'epoch': 0}
+  latest, _ = reader.restore_latest(abstract)
+  chex.assert_trees_all_equal(latest, later)
+  # Truncate the newest step: it is reported by name and step 1 is used.
+  state_dir = tmp_path / '2' / 'state'
+  for root, _, files in os.walk(state_dir):
+    for f in files:
+      os.remove(os.path.join(root, f))
+  capsys.readouterr()
+  fallback, _ = reader.restore_latest(abstract)
+  chex.assert_trees_all_equal(fallback, state)
+  assert f'checkpoint {tmp_path / "2"} is unreadable' in capsys.readouterr().out
+  reader.close()
+
+
+def test_train_and_evaluate_end_to_end_and_resume(tmp_path):
+  config = quickstart.get_config('smoke')
+  workdir = str(tmp_path / 'run')
+  summary = training.train_and_evaluate(config, workdir)
+  with open(os.path.join(workdir, 'train_summary.json')) as f:
+    saved = json.load(f)
+  for key in ('clean_accuracy', 'step', 'param_l2', 'params_sha256', 'config'):
+    assert key in saved
+  assert saved['step'] == 4 and saved['seen'] == 64
+  assert 0.0 <= saved['clean_accuracy'] <= 1.0
+  assert saved['clean_accuracy'] == saved['correct'] / saved['seen']
+  assert saved['config']['model']['decoder'] == 'pyramid'
+  assert saved['params_sha256'] == summary['params_sha256'] and len(saved['params_sha256']) == 64
+  # The same command again resumes from the final checkpoint and changes nothing.
+  again = training.train_and_evaluate(config, workdir)
+  assert again['params_sha256'] == summary['params_sha256']
+  assert again['param_l2'] == summary['param_l2']
+  # Two more epochs continue from step 4: the first 4 steps are not redone.
+  config.train.num_epochs = 2
+  longer = training.train_and_evaluate(config, workdir)
+  assert longer['step'] == 8 and longer['params_sha256'] != summary['params_sha256']
+  # Interrupted after epoch 1 and resumed == uninterrupted 2 epochs.
+  fresh = training.train_and_evaluate(config, str(tmp_path / 'fresh'))
+  assert fresh['params_sha256'] == longer['params_sha256']
