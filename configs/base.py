@@ -49,6 +49,28 @@ def get_base_config() -> ml_collections.ConfigDict:
 
   config.eval = ml_collections.ConfigDict()
   config.eval.batch_size = 500
+  # Robustness evaluation (python -m launch.evaluate); the paper's settings (Sec. 4.1).
+  config.eval.attacks = ('fgsm', 'bim', 'pgd', 'cw_l2', 'ddn', 'apgd')
+  config.eval.num_examples = 1000     # first N test images; 0 = the whole test split
+  config.eval.eps = 0.0               # L-inf eps; 0 = per dataset (0.2 MNIST, 0.05 CIFAR-10)
+  config.eval.step_size_factor = 2.5  # BIM / PGD step = factor * eps / steps (Madry et al.)
+  config.eval.bim_steps = 100
+  config.eval.pgd_steps = 100
+  config.eval.pgd_restarts = 1
+  config.eval.apgd_steps = 100
+  config.eval.apgd_loss = 'ce'        # ce | dlr
+  config.eval.cw_binary_steps = 5     # C&W 5 x 20
+  config.eval.cw_steps = 20
+  config.eval.cw_initial_const = 0.01
+  config.eval.cw_lr = 0.01
+  config.eval.ddn_steps = 100
+  config.eval.l2_thresholds = ()      # () = per dataset; minimal-norm accuracy at these L2
+  config.eval.source_workdir = ''     # transfer: craft on this run, evaluate on --workdir
+  config.eval.seed = 0
+  config.eval.figures = True          # accuracy-vs-eps sweep, reconstructions, R histogram
+  config.eval.eps_grid = ()           # () = per dataset
+  config.eval.sweep_pgd_steps = 20
+  config.eval.sweep_examples = 500
   return config
 
 
@@ -62,4 +84,14 @@ def apply_smoke(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   config.train.log_every_steps = 2
   config.train.checkpoint_every_steps = 2
   config.eval.batch_size = 32
+  config.eval.num_examples = 64
+  config.eval.bim_steps = 5
+  config.eval.pgd_steps = 5
+  config.eval.apgd_steps = 5
+  config.eval.cw_binary_steps = 2
+  config.eval.cw_steps = 5
+  config.eval.ddn_steps = 5
+  config.eval.eps_grid = (0.1, 0.3)
+  config.eval.sweep_pgd_steps = 3
+  config.eval.sweep_examples = 32
   return config

@@ -134,3 +134,28 @@ def test_bad_model_settings_raise():
     models.DefendPP(arch='resnet101', image_shape=(28, 28, 1)).init(jax.random.key(0), x)
   with pytest.raises(ValueError, match='shape'):
     models.DefendPP(image_shape=(32, 32, 3), width=4).init(jax.random.key(0), x)
+
+
+@pytest.mark.parametrize('kernel,strides,padding', [(3, 1, 'SAME'), (3, 2, 'SAME'),
+                                                    (1, 2, 'SAME'), (3, 2, 'VALID'),
+                                                    (7, 2, ((3, 3), (3, 3)))])
+def test_conv_gradients_equal_lax(kernel, strides, padding):
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(2, 9, 10, 3)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(kernel, kernel, 3, 5)), jnp.float32)
+  dn = ('NHWC', 'HWIO', 'NHWC')
+
+  def loss(conv, x, w):
+    return jnp.sum(jnp.sin(conv(x, w, (strides, strides), padding, dimension_numbers=dn)))
+
+  ref = jax.jit(jax.grad(functools.partial(loss, jax.lax.conv_general_dilated), (0, 1)))(x, w)
+  got = jax.jit(jax.grad(functools.partial(loss, models.conv_general_dilated), (0, 1)))(x, w)
+  chex.assert_trees_all_close(got, ref, atol=1e-4, rtol=1e-4)
+  # Also inside a loop, where the layout of the gradient convolution matters.
+  body = lambda i, xa: xa + 0.01 * jax.grad(functools.partial(
+      loss, models.conv_general_dilated), 0)(xa, w)
+  body_ref = lambda i, xa: xa + 0.01 * jax.grad(functools.partial(
+      loss, jax.lax.conv_general_dilated), 0)(xa, w)
+  chex.assert_trees_all_close(jax.jit(lambda x: jax.lax.fori_loop(0, 3, body, x))(x),
+                              jax.jit(lambda x: jax.lax.fori_loop(0, 3, body_ref, x))(x),
+                              atol=1e-4, rtol=1e-4)

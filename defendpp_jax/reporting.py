@@ -1,0 +1,173 @@
+"""Reports of robustness evaluations: JSON, the paper's Markdown table, figures, progress bars.
+
+Usage:
+  write_report(report, workdir)     # robustness.json, robustness.md, *.png
+  print(markdown_table(report))
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any, Iterable
+
+import numpy as np
+
+TABLE_COLUMNS = (('fgsm', 'FGSM'), ('bim', 'BIM'), ('pgd', 'PGD'), ('cw_l2', 'C&W'),
+                 ('ddn', 'DDN'), ('apgd', 'APGD'))
+
+
+def progress(iterable: Iterable, total: int, desc: str, enabled: bool = True) -> Iterable:
+  """A tqdm progress bar on stderr when enabled and available, else the iterable itself."""
+  if not enabled:
+    return iterable
+  try:
+    from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return iterable
+  return tqdm(iterable, total=total, desc=desc, leave=False, file=sys.stderr,
+              disable=not sys.stderr.isatty())
+
+
+def _pct(x: float | None) -> str:
+  return '-' if x is None else f'{100 * x:.2f}'
+
+
+def _settings(row: dict[str, Any]) -> str:
+  if row['eps'] is not None:
+    s = f'{row["norm"]} eps={row["eps"]:g}, {row["steps"]} steps'
+    if row.get('restarts', 1) > 1:
+      s += f' x {row["restarts"]} restarts'
+    return s
+  s = f'{row["norm"]} minimal-norm, {row["steps"]} steps; median L2 '
+  s += '-' if row.get('median_l2') is None else f'{row["median_l2"]:.3f}'
+  at = ', '.join(f'{_pct(v)}% @ {t}' for t, v in row.get('accuracy_at', {}).items())
+  return f'{s}; accuracy at L2 <= t: {at}'
+
+
+def markdown_table(report: dict[str, Any], title: str | None = None) -> str:
+  """The paper's layout (FGSM, BIM, PGD, C&W, DDN, APGD, Clean), then settings and checks."""
+  rows = {r['attack']: r for r in report['rows']}
+  lines = [f'### {title or report["model"]} ({report["dataset"]}, {report["num_examples"]} '
+           f'test images, step {report["step"]})', '']
+  header = [label for key, label in TABLE_COLUMNS if key in rows] + ['Clean']
+  lines.append('| model | ' + ' | '.join(header) + ' |')
+  lines.append('|---' * (len(header) + 1) + '|')
+  cells = [_pct(rows[key]['accuracy']) for key, _ in TABLE_COLUMNS if key in rows]
+  lines.append(f'| {report["model"]} | ' + ' | '.join(cells + [_pct(report['clean_accuracy'])])
+               + ' |')
+  if report.get('transfer'):
+    t_rows = {r['attack']: r for r in report['transfer']['rows']}
+    cells = [_pct(t_rows[key]['accuracy']) if key in t_rows else '-'
+             for key, _ in TABLE_COLUMNS if key in rows]
+    lines.append(f'| transfer from {report["transfer"]["source_model"]} | ' +
+                 ' | '.join(cells + ['-']) + ' |')
+  lines += ['', 'Accuracy in % (correct / seen). Settings:', '']
+  for r in report['rows']:
+    lines.append(f'- {r["attack"]}: {_settings(r)} ({r["correct"]}/{r["seen"]})')
+  lines += ['', 'Sanity checks:' if report['sanity_checks_passed']
+            else '**SANITY CHECK FAILED — these numbers are not trustworthy:**', '']
+  for c in report['sanity_checks']:
+    mark = 'ok' if c['passed'] else '**FAILED**'
+    lines.append(f'- [{mark}] {c["name"]}: {c["value"]:.4f} (expected {c["expected"]})')
+  return '\n'.join(lines) + '\n'
+
+
+def write_report(report: dict[str, Any], workdir: str) -> None:
+  """Writes robustness.json (without image arrays), robustness.md and the figures."""
+  os.makedirs(workdir, exist_ok=True)
+  figures = []
+  if report.get('eps_sweep'):
+    figures.append(plot_eps_sweep(report, os.path.join(workdir, 'accuracy_vs_eps.png')))
+  rec = report.get('reconstruction')
+  if rec:
+    figures.append(plot_reconstructions(rec, os.path.join(workdir, 'reconstructions.png')))
+    figures.append(plot_ratio_histogram(rec, os.path.join(workdir, 'ratio_histogram.png')))
+  out = dict(report)
+  if rec:
+    out['reconstruction'] = {k: v for k, v in rec.items() if k != 'images'}
+  out['figures'] = [os.path.basename(f) for f in figures]
+  _atomic_write(os.path.join(workdir, 'robustness.json'),
+                json.dumps(out, indent=2, default=_default))
+  _atomic_write(os.path.join(workdir, 'robustness.md'), markdown_table(report))
+
+
+def _default(obj):
+  if isinstance(obj, (np.integer, np.floating)):
+    return obj.item()
+  if isinstance(obj, np.ndarray):
+    return obj.tolist()
+  if isinstance(obj, tuple):
+    return list(obj)
+  return str(obj)
+
+
+def _atomic_write(path: str, text: str) -> None:
+  tmp = f'{path}.tmp{os.getpid()}'
+  with open(tmp, 'w') as f:
+    f.write(text)
+  os.replace(tmp, path)
+
+
+def _pyplot():
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  return plt
+
+
+def plot_eps_sweep(report: dict[str, Any], path: str) -> str:
+  plt = _pyplot()
+  sweep = report['eps_sweep']
+  fig, ax = plt.subplots(figsize=(5, 3.5))
+  ax.plot(sweep['eps'], np.asarray(sweep['fgsm']) * 100, 'o-', label='FGSM')
+  ax.plot(sweep['eps'], np.asarray(sweep['pgd']) * 100, 's-',
+          label=f'PGD-{sweep["pgd_steps"]}')
+  ax.set_xlabel('L-inf epsilon')
+  ax.set_ylabel('accuracy (%)')
+  ax.set_ylim(-2, 102)
+  ax.set_title(f'{report["model"]} ({report["dataset"]}, {sweep["num_examples"]} images)')
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return path
+
+
+def plot_reconstructions(rec: dict[str, Any], path: str) -> str:
+  plt = _pyplot()
+  rows = [('clean', 'clean'), ('rec_clean', 'AE(clean)'), ('adv', f'FGSM eps={rec["eps"]:g}'),
+          ('rec_adv', 'AE(adversarial)')]
+  imgs = rec['images']
+  k = len(imgs['clean'])
+  fig, axes = plt.subplots(len(rows), k, figsize=(1.2 * k, 1.3 * len(rows)), squeeze=False)
+  for i, (key, label) in enumerate(rows):
+    for j in range(k):
+      im = np.clip(np.asarray(imgs[key][j]), 0, 1)
+      ax = axes[i, j]
+      ax.imshow(im[..., 0] if im.shape[-1] == 1 else im, cmap='gray', vmin=0, vmax=1)
+      ax.set_xticks([])
+      ax.set_yticks([])
+      if j == 0:
+        ax.set_ylabel(label, fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return path
+
+
+def plot_ratio_histogram(rec: dict[str, Any], path: str) -> str:
+  plt = _pyplot()
+  r = np.asarray(rec['ratio_R'])
+  fig, ax = plt.subplots(figsize=(5, 3.5))
+  ax.hist(r, bins=40, color='tab:blue')
+  ax.axvline(1.0, color='k', ls='--', lw=1)
+  ax.set_xlabel('R = D_rc / D_ra')
+  ax.set_ylabel('count')
+  ax.set_title(f'{100 * rec["fraction_R_below_1"]:.1f}% of {len(r)} FGSM images have R < 1')
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return path

@@ -1,0 +1,31 @@
+"""Attacks the latest checkpoint of WORKDIR; writes robustness.json, robustness.md and figures.
+
+  python -m launch.evaluate --config=configs/mnist.py --workdir=runs/mnist \
+      [--config.eval.num_examples=1000 --config.eval.attacks="('fgsm','pgd')"]
+
+Transfer (adversarials crafted on another trained run, evaluated on this one):
+  python -m launch.evaluate --config=configs/mnist.py --workdir=runs/mnist \
+      --config.eval.source_workdir=runs/mnist_plain
+"""
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from defendpp_jax import evaluation
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to a config file.',
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'A training run directory (with checkpoints).')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)
+  evaluation.evaluate(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,93 @@
+"""The evaluation pipeline on a tiny trained model: files, keys, counts, sanity checks, transfer."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from configs import quickstart
+from defendpp_jax import evaluation
+from defendpp_jax import training
+
+
+@pytest.fixture(scope='module')
+def runs(tmp_path_factory):
+  root = tmp_path_factory.mktemp('eval')
+  out = {}
+  for name, decoder in (('defendpp', 'pyramid'), ('plain', 'none')):
+    config = quickstart.get_config('smoke')
+    config.model.decoder = decoder
+    config.data.test_limit = 40  # 40 = one full batch of 32 + a padded one of 8
+    config.eval.num_examples = 40
+    workdir = str(root / name)
+    training.train_and_evaluate(config, workdir)
+    out[name] = (config, workdir)
+  return out
+
+
+def test_evaluate_writes_report_and_figures(runs):
+  config, workdir = runs['defendpp']
+  report = evaluation.evaluate(config, workdir, progress=False)
+  with open(os.path.join(workdir, 'robustness.json')) as f:
+    saved = json.load(f)
+  assert saved['clean_accuracy'] == report['clean_accuracy']
+  with open(os.path.join(workdir, 'train_summary.json')) as f:
+    assert saved['clean_accuracy'] == json.load(f)['clean_accuracy']
+  assert saved['model'] == 'resnet18-w4-pyramid' and saved['config']['data']['name'] == 'digits'
+  rows = {r['attack']: r for r in saved['rows']}
+  assert set(rows) == {'fgsm', 'bim', 'pgd', 'cw_l2', 'ddn', 'apgd'}
+  for r in rows.values():
+    for key in ('attack', 'norm', 'eps', 'steps', 'restarts', 'accuracy', 'correct', 'seen'):
+      assert key in r
+    assert r['seen'] == 40  # the padded examples are not counted
+    assert r['accuracy'] == r['correct'] / r['seen']
+    assert r['accuracy'] <= saved['clean_accuracy'] + 1e-9
+  assert rows['fgsm']['eps'] == 0.2 and rows['fgsm']['norm'] == 'linf'  # the paper's MNIST eps
+  for name in ('cw_l2', 'ddn'):
+    r = rows[name]
+    assert r['eps'] is None and r['norm'] == 'l2'
+    for key in ('median_l2', 'mean_l2', 'accuracy_at'):
+      assert key in r
+    # Accuracy at growing L2 thresholds can only fall, and never below the unbounded accuracy.
+    at = list(r['accuracy_at'].values())
+    assert all(a >= b for a, b in zip(at, at[1:])) and at[-1] >= r['accuracy']
+  names = [c['name'] for c in saved['sanity_checks']]
+  assert any('eps=0' in n for n in names) and any('eps=1.0' in n for n in names)
+  eps0 = next(c for c in saved['sanity_checks'] if 'eps=0' in c['name'])
+  assert eps0['passed'] and eps0['value'] == saved['clean_accuracy']
+  assert saved['sanity_checks_passed'] == all(c['passed'] for c in saved['sanity_checks'])
+  for fig in ('accuracy_vs_eps.png', 'reconstructions.png', 'ratio_histogram.png'):
+    assert os.path.getsize(os.path.join(workdir, fig)) > 1000
+  ratios = np.asarray(saved['reconstruction']['ratio_R'])
+  assert ratios.shape == (40,) and np.all(ratios >= 0)
+  md = open(os.path.join(workdir, 'robustness.md')).read()
+  assert '| FGSM | BIM | PGD | C&W | DDN | APGD | Clean |' in md
+
+
+def test_transfer_and_failed_check_is_flagged(runs):
+  config, workdir = runs['plain']
+  config = config.copy_and_resolve_references()
+  config.eval.attacks = ('fgsm',)
+  config.eval.figures = False
+  config.eval.source_workdir = runs['defendpp'][1]
+  report = evaluation.evaluate(config, workdir, progress=False)
+  assert report['transfer']['source_model'] == 'resnet18-w4-pyramid'
+  assert report['transfer']['rows'][0]['seen'] == 40
+  assert any('transfer' in c['name'] for c in report['sanity_checks'])
+  md = open(os.path.join(workdir, 'robustness.md')).read()
+  assert 'transfer from resnet18-w4-pyramid' in md
+  # A failing check is flagged loudly in the Markdown.
+  report['sanity_checks'][0]['passed'] = False
+  report['sanity_checks_passed'] = False
+  from defendpp_jax import reporting
+  assert 'SANITY CHECK FAILED' in reporting.markdown_table(report)
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path):
+  config = quickstart.get_config('smoke')
+  with pytest.raises(FileNotFoundError, match='no checkpoint'):
+    evaluation.evaluate(config, str(tmp_path))
+  config.eval.attacks = ('fgsm', 'deepfool')
+  with pytest.raises(ValueError, match='deepfool'):
+    evaluation.attack_specs(config, 'digits')
