@@ -119,8 +119,10 @@ def load_model(config: ml_collections.ConfigDict, workdir: str,
   """The latest checkpoint of `workdir`, built from `config`; a clear error when there is none."""
   model = training.build(config, ds)
   tx, _ = training.make_optimizer(config, 1)
-  abstract = jax.eval_shape(functools.partial(training.init_state, model, tx),
-                            jax.random.key(0))
+  replicated = NamedSharding(training.make_mesh(), P())
+  abstract = jax.tree_util.tree_map(
+      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
+      jax.eval_shape(functools.partial(training.init_state, model, tx), jax.random.key(0)))
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, 'checkpoints'))
   state, _ = ckpt.restore_latest(abstract)
   ckpt.close()
@@ -143,8 +145,9 @@ def config_of_run(workdir: str) -> ml_collections.ConfigDict:
 # Running attacks.
 
 
-def _batch_size(requested: int, mesh) -> int:
-  return math.ceil(requested / mesh.size) * mesh.size
+def _batch_size(requested: int, mesh, num_examples: int) -> int:
+  """The requested batch, no larger than needed, divisible by the number of devices."""
+  return math.ceil(min(requested, num_examples) / mesh.size) * mesh.size
 
 
 def make_attack_fn(spec: AttackSpec, model: models.DefendPP) -> Callable:
@@ -184,7 +187,7 @@ def run_attack(spec: AttackSpec, target: LoadedModel, images: np.ndarray, labels
   source = source or target
   mesh = training.make_mesh()
   sharding = NamedSharding(mesh, P('data'))
-  batch_size = _batch_size(batch_size, mesh)
+  batch_size = _batch_size(batch_size, mesh, len(labels))
   attack_fn = make_attack_fn(spec, source.model)
   predict = _predict_fn(target.model)
   correct, seen, distances = 0, 0, []

@@ -34,13 +34,20 @@ def _pct(x: float | None) -> str:
   return '-' if x is None else f'{100 * x:.2f}'
 
 
+def _steps(row: dict[str, Any]) -> str:
+  settings = row.get('settings', {})
+  if 'binary_search_steps' in settings:
+    return f'{settings["binary_search_steps"]} x {settings["num_steps"]} steps'
+  return f'{row["steps"]} step{"s" if row["steps"] != 1 else ""}'
+
+
 def _settings(row: dict[str, Any]) -> str:
   if row['eps'] is not None:
-    s = f'{row["norm"]} eps={row["eps"]:g}, {row["steps"]} steps'
+    s = f'{row["norm"]} eps={row["eps"]:g}, {_steps(row)}'
     if row.get('restarts', 1) > 1:
       s += f' x {row["restarts"]} restarts'
     return s
-  s = f'{row["norm"]} minimal-norm, {row["steps"]} steps; median L2 '
+  s = f'{row["norm"]} minimal-norm, {_steps(row)}; median L2 '
   s += '-' if row.get('median_l2') is None else f'{row["median_l2"]:.3f}'
   at = ', '.join(f'{_pct(v)}% @ {t}' for t, v in row.get('accuracy_at', {}).items())
   return f'{s}; accuracy at L2 <= t: {at}'
@@ -70,7 +77,9 @@ def markdown_table(report: dict[str, Any], title: str | None = None) -> str:
             else '**SANITY CHECK FAILED — these numbers are not trustworthy:**', '']
   for c in report['sanity_checks']:
     mark = 'ok' if c['passed'] else '**FAILED**'
-    lines.append(f'- [{mark}] {c["name"]}: {c["value"]:.4f} (expected {c["expected"]})')
+    expected = c['expected']
+    expected = f'{expected:.4f}' if isinstance(expected, float) else expected
+    lines.append(f'- [{mark}] {c["name"]}: {c["value"]:.4f} (expected {expected})')
   return '\n'.join(lines) + '\n'
 
 

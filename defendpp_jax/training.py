@@ -320,13 +320,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
        f'({n_cls:,} in the classifier); {jax.device_count()} device(s); '
        f'{total_steps} steps of batch {config.train.batch_size}')
 
-  def save(step: int, metrics: dict[str, Any] | None) -> None:
-    if metrics is not None:
-      _check_finite(metrics, step, ckpt)
+  # Device-side index of the first step with a non-finite loss (-1: none yet), so that a NaN is
+  # reported at the step it appeared without a device-to-host read after every step.
+  first_bad = jnp.asarray(-1, jnp.int32)
+
+  def save(step: int) -> None:
+    _check_finite(first_bad, step, ckpt)  # never checkpoint a diverged state
     ckpt.save(step, state, meta={'step': step, 'epoch': step // spe,
                                  'step_in_epoch': step % spe, 'data_seed': config.train.seed})
 
-  metrics, last_saved, t0, seen_t0, step = None, start, time.time(), start, start
+  last_saved, t0, seen_t0, step = start, time.time(), start, start
   stopped_early = False
   with _Preemption() as preemption:
     for epoch in range(start // spe, config.train.num_epochs):
@@ -340,8 +343,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         images, labels = shard_batch(mesh, images, labels)
         state, metrics = step_fn(state, images, labels, weights, step_key)
         step += 1  # a host-side counter: reading state.step would wait for the device
+        first_bad = _track_non_finite(first_bad, metrics['loss'], step)
         if step % config.train.log_every_steps == 0 or step == total_steps:
-          m = _check_finite(metrics, step, ckpt)
+          _check_finite(first_bad, step, ckpt)
+          m = {k: float(v) for k, v in jax.device_get(metrics).items()}
           rate = (step - seen_t0) * config.train.batch_size / max(time.time() - t0, 1e-9)
           t0, seen_t0 = time.time(), step
           m['train_accuracy'] = m.pop('correct') / max(m.pop('seen'), 1)
@@ -351,19 +356,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                f'ce {m["ce"]:.4f} rec {m["rec_full"]:.5f} ms {m["rec_ms"]:.5f} '
                f'acc {m["train_accuracy"]:.3f} lr {m["learning_rate"]:.4g} {rate:.0f} img/s')
         if step % config.train.checkpoint_every_steps == 0:
-          save(step, metrics)
+          save(step)
           last_saved = step
         if preemption.requested:
           _log(f'SIGTERM received: saving step {step} and exiting')
           if last_saved != step:
-            save(step, metrics)
+            save(step)
           stopped_early = True
           break
       if stopped_early:
         break
     final_step = int(state.step)
     if not stopped_early and final_step != last_saved:
-      save(final_step, metrics)
+      save(final_step)
   ckpt.close()
   writer.close()
   if stopped_early:
@@ -387,14 +392,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   return summary
 
 
-def _check_finite(metrics: dict[str, jax.Array], step: int,
-                  ckpt: checkpointing.Checkpointer) -> dict[str, float]:
-  values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-  if not math.isfinite(values['loss']):
+@jax.jit
+def _track_non_finite(first_bad: jax.Array, loss: jax.Array, step: int) -> jax.Array:
+  return jnp.where((first_bad < 0) & ~jnp.isfinite(loss), step, first_bad)
+
+
+def _check_finite(first_bad: jax.Array, step: int, ckpt: checkpointing.Checkpointer) -> None:
+  bad = int(first_bad)
+  if bad >= 0:
+    ckpt.wait()
     raise FloatingPointError(
-        f'non-finite loss {values["loss"]} at step {step}; stopping without saving. Last good '
-        f'checkpoint: step {ckpt.latest_step()} in {ckpt.directory}')
-  return values
+        f'non-finite training loss at step {bad} (detected at step {step}); stopping without '
+        f'saving. The last good checkpoint is step {ckpt.latest_step()} in {ckpt.directory}')
 
 
 def _write_json(path: str, obj: Any) -> None:

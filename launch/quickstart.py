@@ -1,6 +1,6 @@
 """The quickstart behind `make run`: Defend++ and a plain baseline on the embedded digits.
 
-  python -m launch.quickstart --workdir=runs/quickstart [--num_examples=360]
+  python -m launch.quickstart --workdir=runs/quickstart
 
 Trains configs/quickstart.py twice (decoder=pyramid and decoder=none; resumes if already
 trained), attacks both with FGSM, BIM, PGD, C&W, DDN and APGD, and prints the robustness table.
@@ -19,7 +19,6 @@ from defendpp_jax import reporting
 from defendpp_jax import training
 
 _WORKDIR = flags.DEFINE_string('workdir', 'runs/quickstart', 'Output directory.')
-_NUM_EXAMPLES = flags.DEFINE_integer('num_examples', 360, 'Test images to attack (digits: 360).')
 _SMOKE = flags.DEFINE_bool('smoke', False, 'Seconds-long version (tests).')
 
 
@@ -30,8 +29,6 @@ def main(argv):
   for name, decoder in (('defendpp', 'pyramid'), ('plain', 'none')):
     config = quickstart.get_config('smoke' if _SMOKE.value else None)
     config.model.decoder = decoder
-    if not _SMOKE.value:
-      config.eval.num_examples = _NUM_EXAMPLES.value
     workdir = os.path.join(_WORKDIR.value, name)
     print(f'=== training {name} (decoder={decoder}) in {workdir}', flush=True)
     summary = training.train_and_evaluate(config, workdir)

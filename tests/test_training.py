@@ -130,3 +130,16 @@ def test_train_and_evaluate_end_to_end_and_resume(tmp_path):
   # Interrupted after epoch 1 and resumed == uninterrupted 2 epochs.
   fresh = training.train_and_evaluate(config, str(tmp_path / 'fresh'))
   assert fresh['params_sha256'] == longer['params_sha256']
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+  config = quickstart.get_config('smoke')
+  workdir = str(tmp_path / 'run')
+  training.train_and_evaluate(config, workdir)  # steps 1-4, checkpoints at 2 and 4
+  config.train.num_epochs = 3
+  config.train.learning_rate = 1e30  # diverges at once
+  with pytest.raises(FloatingPointError, match=r'non-finite training loss at step \d+.*step 4'):
+    training.train_and_evaluate(config, workdir)
+  ckpt = checkpointing.Checkpointer(os.path.join(workdir, 'checkpoints'))
+  assert ckpt.latest_step() == 4
+  ckpt.close()

@@ -1,0 +1,229 @@
+"""Throughput of the jitted paths: forward, training step, one attack step and a whole PGD-k.
+
+  python -m launch.benchmark [--arch=resnet18 --width=16,64 --input=28x28x1,32x32x3 \
+      --batch=128 --steps=10,100 --decoder=none --json] [--compare=torch]
+
+Prints images per second (median of --repeats timed runs after one compiling run) and the compile
+time separately. With --json, one JSON object per line:
+  {"work": "forward"|"train_step"|"attack_step"|"pgd", "arch", "width", "input", "batch",
+   "steps" (pgd only), "img_per_s", "compile_s", "framework"}
+--compare=torch also runs the identical CIFAR-style architecture in PyTorch eager (training step,
+forward, and torchattacks PGD when installed; see requirements-bench.txt). Time nothing else on
+the machine while this runs: the figures would be wrong.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from defendpp_jax import attacks
+from defendpp_jax import models
+from defendpp_jax import training
+
+_ARCH = flags.DEFINE_string('arch', 'resnet18', 'Architecture.')
+_WIDTH = flags.DEFINE_list('width', ['16'], 'Base widths.')
+_INPUT = flags.DEFINE_list('input', ['28x28x1'], 'Input shapes HxWxC.')
+_BATCH = flags.DEFINE_integer('batch', 128, 'Batch size.')
+_STEPS = flags.DEFINE_list('steps', ['10'], 'PGD step counts k.')
+_DECODER = flags.DEFINE_string('decoder', 'none', 'Decoder for the training step (none = plain).')
+_REPEATS = flags.DEFINE_integer('repeats', 7, 'Timed runs per measurement (median).')
+_JSON = flags.DEFINE_bool('json', False, 'One JSON object per line.')
+_COMPARE = flags.DEFINE_enum('compare', None, ['torch'], 'Also measure PyTorch eager.')
+
+
+def _time(fn, repeats: int) -> tuple[float, float]:
+  """(compile + first run seconds, median seconds of `repeats` further runs)."""
+  t0 = time.perf_counter()
+  jax.block_until_ready(fn())
+  first = time.perf_counter() - t0
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - t0)
+  med = float(np.median(times))
+  return max(first - med, 0.0), med
+
+
+def _emit(record: dict) -> None:
+  if _JSON.value:
+    print(json.dumps(record), flush=True)
+  else:
+    extra = f' k={record["steps"]}' if 'steps' in record else ''
+    print(f'{record["framework"]:5s} {record["work"]:11s}{extra:6s} {record["arch"]} '
+          f'w{record["width"]} {record["input"]} batch {record["batch"]}: '
+          f'{record["img_per_s"]:9.1f} img/s (compile {record["compile_s"]:.1f} s)', flush=True)
+
+
+def bench_jax(arch: str, width: int, shape: tuple[int, int, int], batch: int,
+              steps: list[int], decoder: str, repeats: int) -> list[dict]:
+  cfg = ml_collections.ConfigDict({
+      'model': {'arch': arch, 'width': width, 'shared_blocks': 4 if arch != 'vgg16' else 2,
+                'decoder': decoder, 'num_levels': 0, 'stem': 'auto'},
+      'train': {'learning_rate': 0.01, 'lr_decay_epochs': (), 'lr_decay_factor': 0.1,
+                'momentum': 0.9, 'weight_decay': 5e-4}})
+  model = models.build_model(cfg.model, 10, shape)
+  tx, _ = training.make_optimizer(cfg, 1)
+  mesh = training.make_mesh()
+  rng = np.random.default_rng(0)
+  x_np = rng.uniform(size=(batch, *shape)).astype(np.float32)
+  y_np = rng.integers(0, 10, batch).astype(np.int32)
+  x, y = training.shard_batch(mesh, x_np, y_np)
+  state = jax.jit(functools.partial(training.init_state, model, tx))(jax.random.key(0))
+  variables = state.variables
+  base = {'arch': arch, 'width': width, 'input': 'x'.join(map(str, shape)), 'batch': batch,
+          'framework': 'jax'}
+  out = []
+
+  forward = jax.jit(lambda v, x: model.apply(v, x, method='classify'))
+  c, t = _time(lambda: forward(variables, x), repeats)
+  out.append({**base, 'work': 'forward', 'img_per_s': batch / t, 'compile_s': c})
+
+  step = training.jit_train_step(functools.partial(
+      training.train_step, model=model, tx=tx, targets='dct', lambda_ms=0.01,
+      full_scale_weight=1.0), mesh)
+  weights, key = jnp.ones(2), jax.random.key(1)
+  holder = [state]
+
+  def train_once():
+    holder[0], m = step(holder[0], x, y, weights, key)  # the state buffer is donated
+    return m['loss']
+
+  c, t = _time(train_once, repeats)
+  out.append({**base, 'work': 'train_step', 'img_per_s': batch / t, 'compile_s': c})
+
+  def pgd_fn(k):
+    return jax.jit(lambda v, x, y, key: attacks.pgd(
+        models.classifier_logits_fn(model, v), x, y, eps=0.3, step_size=0.01, num_steps=k,
+        key=key, random_start=k > 1))
+
+  one = pgd_fn(1)
+  c, t = _time(lambda: one(variables, x, y, key), repeats)
+  out.append({**base, 'work': 'attack_step', 'img_per_s': batch / t, 'compile_s': c})
+  for k in steps:
+    fn = pgd_fn(k)
+    c, t = _time(lambda: fn(variables, x, y, key), max(2, repeats // 2) if k > 20 else repeats)
+    out.append({**base, 'work': 'pgd', 'steps': k, 'img_per_s': batch / t, 'compile_s': c})
+  return out
+
+
+def bench_torch(width: int, shape: tuple[int, int, int], batch: int, steps: list[int],
+                repeats: int) -> list[dict]:
+  """The same CIFAR-style ResNet-18 in PyTorch eager (BatchNorm, SGD momentum)."""
+  import torch  # pylint: disable=g-import-not-at-top
+  from torch import nn  # pylint: disable=g-import-not-at-top
+
+  class Basic(nn.Module):
+
+    def __init__(self, cin, cout, stride):
+      super().__init__()
+      self.c1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+      self.b1 = nn.BatchNorm2d(cout)
+      self.c2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+      self.b2 = nn.BatchNorm2d(cout)
+      self.proj = None
+      if stride != 1 or cin != cout:
+        self.proj = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
+                                  nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+      out = torch.relu(self.b1(self.c1(x)))
+      out = self.b2(self.c2(out))
+      return torch.relu(out + (x if self.proj is None else self.proj(x)))
+
+  h, w, c = shape
+  layers = [nn.Conv2d(c, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU()]
+  cin = width
+  for k in range(4):
+    for i in range(2):
+      layers.append(Basic(cin, width * 2**k, 2 if (k > 0 and i == 0) else 1))
+      cin = width * 2**k
+  net = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, 10))
+  opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+  x = torch.rand(batch, c, h, w)
+  y = torch.randint(0, 10, (batch,))
+  base = {'arch': 'resnet18', 'width': width, 'input': f'{h}x{w}x{c}', 'batch': batch,
+          'framework': 'torch'}
+
+  def timed(fn, reps):
+    fn()
+    ts = []
+    for _ in range(reps):
+      t0 = time.perf_counter()
+      fn()
+      ts.append(time.perf_counter() - t0)
+    return float(np.median(ts))
+
+  out = []
+  net.eval()
+  with torch.no_grad():
+    t = timed(lambda: net(x), repeats)
+  out.append({**base, 'work': 'forward', 'img_per_s': batch / t, 'compile_s': 0.0})
+  net.train()
+
+  def train_once():
+    opt.zero_grad()
+    loss = nn.functional.cross_entropy(net(x), y)
+    loss.backward()
+    opt.step()
+
+  t = timed(train_once, repeats)
+  out.append({**base, 'work': 'train_step', 'img_per_s': batch / t, 'compile_s': 0.0})
+  net.eval()
+  try:
+    import torchattacks  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    torchattacks = None
+  for k in [1] + steps:
+    if torchattacks is not None:
+      atk = torchattacks.PGD(net, eps=0.3, alpha=0.01, steps=k, random_start=k > 1)
+      run = lambda: atk(x, y)
+    else:
+      def run(k=k):
+        xa = x.clone()
+        for _ in range(k):
+          xa.requires_grad_(True)
+          loss = nn.functional.cross_entropy(net(xa), y)
+          g, = torch.autograd.grad(loss, xa)
+          xa = torch.min(torch.max(xa.detach() + 0.01 * g.sign(), x - 0.3), x + 0.3).clamp(0, 1)
+        return xa
+    t = timed(run, max(2, repeats // 2) if k > 20 else repeats)
+    rec = {**base, 'work': 'attack_step' if k == 1 else 'pgd', 'img_per_s': batch / t,
+           'compile_s': 0.0, 'impl': 'torchattacks' if torchattacks else 'hand-written'}
+    if k > 1:
+      rec['steps'] = k
+    out.append(rec)
+  return out
+
+
+def main(argv):
+  del argv
+  steps = [int(s) for s in _STEPS.value]
+  for shape_s in _INPUT.value:
+    shape = tuple(int(v) for v in shape_s.split('x'))
+    for width in (int(w) for w in _WIDTH.value):
+      records = bench_jax(_ARCH.value, width, shape, _BATCH.value, steps, _DECODER.value,
+                          _REPEATS.value)
+      if _COMPARE.value == 'torch':
+        records += bench_torch(width, shape, _BATCH.value, steps, _REPEATS.value)
+      for r in records:
+        _emit(r)
+      if not _JSON.value:
+        by = {(r['framework'], r['work'], r.get('steps')): r['img_per_s'] for r in records}
+        a = by[('jax', 'attack_step', None)]
+        print(f'      ratios: attack_step / train_step = {a / by[("jax", "train_step", None)]:.2f}'
+              + ''.join(f'; PGD-{k} x {k} / attack_step = {by[("jax", "pgd", k)] * k / a:.2f}'
+                        for k in steps), flush=True)
+
+
+if __name__ == '__main__':
+  app.run(main)

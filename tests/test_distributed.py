@@ -1,0 +1,154 @@
+"""Multi-device equivalence (fake CPU devices) and preemption-safe resume, in subprocesses."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from conftest import ROOT
+
+FOUR_DEVICES = {'XLA_FLAGS': '--xla_force_host_platform_device_count=4'}
+
+
+def _run_python(code: str, env_extra=None, timeout=600) -> str:
+  env = dict(os.environ, PYTHONPATH=ROOT, **(env_extra or {}))
+  out = subprocess.run([sys.executable, '-c', textwrap.dedent(code)], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=timeout)
+  assert out.returncode == 0, out.stdout + out.stderr
+  return out.stdout
+
+
+def test_four_devices_match_one_device():
+  out = _run_python('''
+      import functools
+      import chex, jax, jax.numpy as jnp, numpy as np
+      from jax.sharding import NamedSharding, PartitionSpec as P
+      from configs import quickstart
+      from defendpp_jax import models, training
+      config = quickstart.get_config('smoke')
+      model = models.build_model(config.model, 10, (28, 28, 1))
+      tx, _ = training.make_optimizer(config, 4)
+      step_fn = functools.partial(training.train_step, model=model, tx=tx, targets='dct',
+                                  lambda_ms=0.01, full_scale_weight=1.0)
+
+      def run(devices):
+        mesh = training.make_mesh(devices)
+        state = jax.jit(functools.partial(training.init_state, model, tx),
+                        out_shardings=NamedSharding(mesh, P()))(jax.random.key(0))
+        step = training.jit_train_step(step_fn, mesh)
+        rng = np.random.default_rng(0)
+        for i in range(3):
+          x = rng.uniform(size=(16, 28, 28, 1)).astype(np.float32)
+          y = rng.integers(0, 10, 16).astype(np.int32)
+          xs, ys = training.shard_batch(mesh, x, y)
+          assert len(xs.sharding.device_set) == len(devices)
+          state, _ = step(state, xs, ys, jnp.ones(2), jax.random.key(1))
+        return jax.device_get(state)
+
+      assert jax.device_count() == 4
+      one, four = run(jax.devices()[:1]), run(jax.devices())
+      chex.assert_trees_all_close(one.params, four.params, atol=2e-5, rtol=2e-5)
+      chex.assert_trees_all_close(one.batch_stats, four.batch_stats, atol=2e-5, rtol=2e-5)
+      diff = max(float(np.max(np.abs(a - b))) for a, b in zip(
+          jax.tree_util.tree_leaves(one.params), jax.tree_util.tree_leaves(four.params)))
+      print('OK', diff)
+      ''', FOUR_DEVICES)
+  assert 'OK' in out
+
+
+def _train_cmd(workdir, *overrides):
+  return [sys.executable, '-m', 'launch.train', '--config=configs/quickstart.py',
+          f'--workdir={workdir}', '--config.model.width=4', '--config.train.num_epochs=3',
+          '--config.train.checkpoint_every_steps=5', '--config.train.log_every_steps=5',
+          *overrides]
+
+
+def _steps(workdir):
+  d = os.path.join(workdir, 'checkpoints')
+  return sorted(int(s) for s in os.listdir(d) if s.isdigit()) if os.path.isdir(d) else []
+
+
+def _start(workdir):
+  return subprocess.Popen(_train_cmd(workdir), cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT),
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for_step(proc, workdir, step, timeout=300):
+  t0 = time.time()
+  while time.time() - t0 < timeout:
+    if any(s >= step for s in _steps(workdir)):
+      return
+    if proc.poll() is not None:
+      pytest.fail('training ended before it could be interrupted:\n' + proc.stdout.read())
+    time.sleep(0.05)
+  pytest.fail(f'no checkpoint >= {step} after {timeout} s')
+
+
+def _summary(workdir):
+  with open(os.path.join(workdir, 'train_summary.json')) as f:
+    return json.load(f)
+
+
+def test_sigkill_and_sigterm_resume_exactly(tmp_path):
+  # Uninterrupted reference: 3 epochs of 22 steps.
+  ref = str(tmp_path / 'ref')
+  subprocess.run(_train_cmd(ref), cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), check=True,
+                 capture_output=True, timeout=600)
+  expected = _summary(ref)
+  assert expected['step'] == 66
+  work = str(tmp_path / 'work')
+  # SIGKILL mid-training: whatever was being written is lost, the last finalised step is not.
+  proc = _start(work)
+  _wait_for_step(proc, work, 10)
+  proc.kill()
+  proc.wait()
+  killed_at = _steps(work)[-1]
+  assert killed_at < 66 and not os.path.exists(os.path.join(work, 'train_summary.json'))
+  # SIGTERM: saves the current step and exits cleanly.
+  proc = _start(work)
+  _wait_for_step(proc, work, killed_at + 10)
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=120)
+  assert proc.returncode == 0, out
+  assert f'resumed from step {killed_at}' in out
+  assert 'SIGTERM received: saving step' in out
+  stopped_at = int(out.split('SIGTERM received: saving step ')[1].split()[0])
+  assert _steps(work)[-1] == stopped_at < 66
+  # The same command again finishes the run: bit-identical to the uninterrupted one.
+  done = subprocess.run(_train_cmd(work), cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT),
+                        capture_output=True, text=True, timeout=600)
+  assert done.returncode == 0, done.stdout + done.stderr
+  assert f'resumed from step {stopped_at}' in done.stdout
+  got = _summary(work)
+  assert got['params_sha256'] == expected['params_sha256']
+  assert got['param_l2'] == expected['param_l2'] and got['step'] == 66
+
+
+def test_evaluate_same_numbers_on_one_and_four_devices(tmp_path):
+  workdir = str(tmp_path / 'run')
+  base = ['--config=configs/quickstart.py:smoke', f'--workdir={workdir}']
+  env = dict(os.environ, PYTHONPATH=ROOT)
+  # 10 epochs of the smoke run: accurate enough that the attacks have something to flip.
+  subprocess.run([sys.executable, '-m', 'launch.train', *base, '--config.train.num_epochs=10'],
+                 cwd=ROOT, env=env, check=True, capture_output=True, timeout=600)
+  results = []
+  for extra in ({}, FOUR_DEVICES):
+    ev = subprocess.run([sys.executable, '-m', 'launch.evaluate', *base,
+                         "--config.eval.attacks=('fgsm','pgd','ddn')",
+                         '--config.eval.figures=False'], cwd=ROOT, env=dict(env, **extra),
+                        capture_output=True, text=True, timeout=600)
+    assert ev.returncode == 0, ev.stdout + ev.stderr
+    with open(os.path.join(workdir, 'robustness.json')) as f:
+      report = json.load(f)
+    results.append(report)
+  one, four = results
+  assert one['clean_accuracy'] == four['clean_accuracy'] > 0.2
+  for a, b in zip(one['rows'], four['rows']):
+    assert (a['attack'], a['correct'], a['seen']) == (b['attack'], b['correct'], b['seen'])
+    if a.get('median_l2') is not None:
+      assert abs(a['median_l2'] - b['median_l2']) <= 1e-4 * a['median_l2']
