@@ -43,6 +43,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.train.alternating.cls_epochs = 1
   config.train.alternating.cycles = 2
   config.train.noise_std = 0.0        # > 0: Gaussian noise on the AE code ("ours + GN")
+  config.train.adversarial = 'none'   # none | fgsm (Goodfellow) | pgd (Madry) | ddn (Rony)
+  config.train.adv_eps = 0.0          # L-inf eps of fgsm / pgd; 0 = 0.2 MNIST, 0.05 CIFAR-10
+  config.train.adv_steps = 10         # steps of pgd / ddn crafting
+  config.train.adv_max_norm = 0.0     # ddn L2 budget; 0 = 2.4 MNIST, 1.0 CIFAR-10
   config.train.log_every_steps = 50
   config.train.checkpoint_every_steps = 500
   config.train.max_to_keep = 3

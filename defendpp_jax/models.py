@@ -436,9 +436,9 @@ class DefendPP(nn.Module):
       h = h + self.noise_std * jax.random.normal(self.make_rng('noise'), h.shape, h.dtype)
     return logits, self.dec(h, ae_features, train)
 
-  def classify(self, x):
-    """Inference: the classifier alone, BatchNorm with running statistics."""
-    return self.classifier(x, train=False)
+  def classify(self, x, train: bool = False):
+    """The classifier alone; inference (train=False) uses BatchNorm's running statistics."""
+    return self.classifier(x, train=train)
 
 
 def build_model(model_config: Any, num_classes: int, image_shape: Sequence[int],

@@ -27,6 +27,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from defendpp_jax import attacks
 from defendpp_jax import checkpointing
 from defendpp_jax import data as data_lib
 from defendpp_jax import frequency
@@ -34,6 +35,11 @@ from defendpp_jax import losses
 from defendpp_jax import models
 
 SCHEDULES = ('joint', 'alternating')
+ADVERSARIAL = ('none', 'fgsm', 'pgd', 'ddn')
+# Adversarial-training budgets when config.train.adv_eps / adv_max_norm are 0: the evaluation's
+# L-inf eps per dataset (paper Sec. 4.1) and Rony et al.'s DDN norms (MNIST 2.4, CIFAR-10 1.0).
+ADV_EPS = {'mnist': 0.2, 'digits': 0.2, 'cifar10': 0.05}
+ADV_MAX_NORM = {'mnist': 2.4, 'digits': 2.4, 'cifar10': 1.0}
 
 
 @flax.struct.dataclass
@@ -67,6 +73,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _choice(config, 'model.decoder', models.DECODERS)
   _choice(config, 'loss.targets', frequency.TARGET_KINDS)
   _choice(config, 'train.schedule', SCHEDULES)
+  _choice(config, 'train.adversarial', ADVERSARIAL)
   max_shared = 5 if config.model.arch == 'vgg16' else 4
   if not 1 <= config.model.shared_blocks <= max_shared:
     raise ValueError(f'config.model.shared_blocks={config.model.shared_blocks} must be in '
@@ -149,22 +156,65 @@ def phase_weights(config: ml_collections.ConfigDict, epoch: int) -> tuple[float,
 # Steps.
 
 
+def craft_adversarial(state: TrainState, images: jax.Array, labels: jax.Array, key: jax.Array,
+                      *, model: models.DefendPP, adversarial: str, eps: float, steps: int,
+                      max_norm: float, step_size_factor: float = 2.5) -> jax.Array:
+  """Adversarial training inputs against the current classifier.
+
+  The attack sees the classifier in training mode (batch statistics, as the model it updates),
+  but its BatchNorm statistic updates are discarded: crafting must not move the running averages.
+  """
+  def logits_fn(x):
+    return model.apply(state.variables, x, train=True, mutable=['batch_stats'],
+                       method='classify')[0]
+
+  if adversarial == 'fgsm':
+    return attacks.fgsm(logits_fn, images, labels, eps=eps)
+  if adversarial == 'pgd':
+    return attacks.pgd(logits_fn, images, labels, eps=eps, step_size=step_size_factor * eps /
+                       steps, num_steps=steps, key=key)
+  if adversarial == 'ddn':
+    return attacks.ddn(logits_fn, images, labels, num_steps=steps, max_norm=max_norm)
+  raise ValueError(f'config.train.adversarial={adversarial!r} is not one of {ADVERSARIAL}')
+
+
 def train_step(state: TrainState, images: jax.Array, labels: jax.Array, weights: jax.Array,
                key: jax.Array, *, model: models.DefendPP, tx: optax.GradientTransformation,
-               targets: str, lambda_ms: float, full_scale_weight: float
-               ) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One SGD step on L = w_ce CE + w_rec (||I~0 - I0||^2 + lambda sum_m ||I~m - Im||^2)."""
+               targets: str, lambda_ms: float, full_scale_weight: float,
+               adversarial: str = 'none', adv_eps: float = 0.0, adv_steps: int = 10,
+               adv_max_norm: float = 0.0) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One SGD step on L = w_ce CE + w_rec (||I~0 - I0||^2 + lambda sum_m ||I~m - Im||^2).
+
+  With adversarial training, CE is taken on adversarial inputs crafted against the current model
+  ('pgd': Madry et al.; 'ddn': Rony et al.) or is the mean of clean and FGSM CE ('fgsm':
+  Goodfellow et al., alpha = 0.5); the reconstruction loss always uses the clean images.
+  """
+  step_key = jax.random.fold_in(key, state.step)
+  x_adv = None
+  if adversarial != 'none':
+    x_adv = jax.lax.stop_gradient(craft_adversarial(
+        state, images, labels, jax.random.fold_in(step_key, 1), model=model,
+        adversarial=adversarial, eps=adv_eps, steps=adv_steps, max_norm=adv_max_norm))
 
   def loss_fn(params):
     (logits, recs), new_vars = model.apply(
         {'params': params, 'batch_stats': state.batch_stats}, images, train=True,
-        mutable=['batch_stats'], rngs={'noise': jax.random.fold_in(key, state.step)})
-    ce = losses.cross_entropy(logits, labels)
+        mutable=['batch_stats'], rngs={'noise': step_key})
+    ce = clean_ce = losses.cross_entropy(logits, labels)
+    batch_stats = new_vars['batch_stats']
+    if x_adv is not None:
+      adv_logits, adv_vars = model.apply(
+          {'params': params, 'batch_stats': batch_stats}, x_adv, train=True,
+          mutable=['batch_stats'], method='classify')
+      batch_stats = adv_vars['batch_stats']
+      adv_ce = losses.cross_entropy(adv_logits, labels)
+      ce = 0.5 * (clean_ce + adv_ce) if adversarial == 'fgsm' else adv_ce
     rec_full, rec_ms = losses.reconstruction(recs, images, targets)
     loss = weights[0] * ce + weights[1] * (full_scale_weight * rec_full + lambda_ms * rec_ms)
-    metrics = {'loss': loss, 'ce': ce, 'rec_full': rec_full, 'rec_ms': rec_ms,
-               'correct': jnp.sum(jnp.argmax(logits, -1) == labels), 'seen': labels.shape[0]}
-    return loss, (new_vars['batch_stats'], metrics)
+    metrics = {'loss': loss, 'ce': ce, 'clean_ce': clean_ce, 'rec_full': rec_full,
+               'rec_ms': rec_ms, 'correct': jnp.sum(jnp.argmax(logits, -1) == labels),
+               'seen': labels.shape[0]}
+    return loss, (batch_stats, metrics)
 
   grads, (batch_stats, metrics) = jax.grad(loss_fn, has_aux=True)(state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -310,7 +360,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   step_fn = jit_train_step(functools.partial(
       train_step, model=model, tx=tx, targets=config.loss.targets,
-      lambda_ms=config.loss.lambda_ms, full_scale_weight=config.loss.full_scale_weight), mesh)
+      lambda_ms=config.loss.lambda_ms, full_scale_weight=config.loss.full_scale_weight,
+      adversarial=config.train.adversarial,
+      adv_eps=config.train.adv_eps or ADV_EPS.get(config.data.name, 0.05),
+      adv_steps=config.train.adv_steps,
+      adv_max_norm=config.train.adv_max_norm or ADV_MAX_NORM.get(config.data.name, 1.0)), mesh)
   writer = _Writer(os.path.join(workdir, 'tensorboard'))
   n_params = sum(p.size for p in jax.tree_util.tree_leaves(state.params))
   n_cls = sum(p.size for p in jax.tree_util.tree_leaves(state.params['classifier']))

@@ -100,6 +100,7 @@ def bench_jax(arch: str, width: int, shape: tuple[int, int, int], batch: int,
 
   c, t = _time(train_once, repeats)
   out.append({**base, 'work': 'train_step', 'img_per_s': batch / t, 'compile_s': c})
+  variables = holder[0].variables  # the initial state's buffers were donated to the step
 
   def pgd_fn(k):
     return jax.jit(lambda v, x, y, key: attacks.pgd(

@@ -143,3 +143,35 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, 'checkpoints'))
   assert ckpt.latest_step() == 4
   ckpt.close()
+
+
+@pytest.mark.parametrize('adversarial', ['fgsm', 'pgd', 'ddn'])
+def test_adversarial_training_uses_adversarial_inputs(adversarial):
+  config, model, tx, state = _tiny(decoder='none')
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.uniform(0.2, 0.8, size=(8, 28, 28, 1)), jnp.float32)
+  # Labels = the model's own predictions, so that every example starts correctly classified
+  # (an example misclassified already is its own minimal-norm adversarial for DDN).
+  y = jnp.argmax(model.apply(state.variables, x, method='classify'), -1)
+  kwargs = dict(model=model, adversarial=adversarial, eps=0.1, steps=3, max_norm=1.0)
+  x_adv = jax.jit(functools.partial(training.craft_adversarial, **kwargs))(
+      state, x, y, jax.random.key(0))
+  delta = np.asarray(x_adv - x)
+  assert np.abs(delta).max() > 0
+  if adversarial == 'ddn':
+    assert np.sqrt((delta ** 2).sum(axis=(1, 2, 3))).max() <= 1.0 + 1e-4
+  else:
+    assert np.abs(delta).max() <= 0.1 + 1e-6
+  step = jax.jit(functools.partial(
+      training.train_step, model=model, tx=tx, targets='dct', lambda_ms=0.01,
+      full_scale_weight=1.0, adversarial=adversarial, adv_eps=0.1, adv_steps=3,
+      adv_max_norm=1.0))
+  _, metrics = step(state, x, y, jnp.ones(2), jax.random.key(0))
+  # The training loss is the CE of the crafted inputs (FGSM: averaged with the clean CE), which
+  # is higher than the clean CE of the same parameters.
+  assert float(metrics['ce']) > float(metrics['clean_ce'])
+  clean_step = jax.jit(functools.partial(
+      training.train_step, model=model, tx=tx, targets='dct', lambda_ms=0.01,
+      full_scale_weight=1.0))
+  _, clean_metrics = clean_step(state, x, y, jnp.ones(2), jax.random.key(0))
+  np.testing.assert_allclose(float(clean_metrics['ce']), float(metrics['clean_ce']), rtol=1e-5)
