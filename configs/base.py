@@ -78,6 +78,15 @@ def get_base_config() -> ml_collections.ConfigDict:
   return config
 
 
+def apply_arg(config: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
+  """Applies the config-file argument (`configs/x.py:smoke`); '' / None leave it unchanged."""
+  if arg == 'smoke':
+    return apply_smoke(config)
+  if arg:
+    raise ValueError(f'unknown config argument {arg!r} (expected "smoke")')
+  return config
+
+
 def apply_smoke(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Shrinks any config to a seconds-long run for tests (the ':smoke' argument)."""
   config.model.width = 4

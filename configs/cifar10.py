@@ -18,8 +18,4 @@ def get_config(arg: str | None = None):
   config.train.num_epochs = 300
   config.train.learning_rate = 0.1        # decayed x0.1 every 100 epochs until 300
   config.train.lr_decay_epochs = (100, 200)
-  if arg == 'smoke':
-    base.apply_smoke(config)
-  elif arg:
-    raise ValueError(f'unknown config argument {arg!r} (expected "smoke")')
-  return config
+  return base.apply_arg(config, arg)

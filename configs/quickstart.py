@@ -35,8 +35,4 @@ def get_config(arg: str | None = None):
   config.eval.eps_grid = (0.05, 0.1, 0.2, 0.3, 0.5)
   config.eval.sweep_pgd_steps = 10
   config.eval.sweep_examples = 200
-  if arg == 'smoke':
-    base.apply_smoke(config)
-  elif arg:
-    raise ValueError(f'unknown config argument {arg!r} (expected "smoke")')
-  return config
+  return base.apply_arg(config, arg)

@@ -126,6 +126,13 @@ def _pyplot():
   return plt
 
 
+def _save(plt, fig, path: str) -> str:
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return path
+
+
 def plot_eps_sweep(report: dict[str, Any], path: str) -> str:
   plt = _pyplot()
   sweep = report['eps_sweep']
@@ -139,10 +146,7 @@ def plot_eps_sweep(report: dict[str, Any], path: str) -> str:
   ax.set_title(f'{report["model"]} ({report["dataset"]}, {sweep["num_examples"]} images)')
   ax.grid(alpha=0.3)
   ax.legend()
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-  return path
+  return _save(plt, fig, path)
 
 
 def plot_reconstructions(rec: dict[str, Any], path: str) -> str:
@@ -161,10 +165,7 @@ def plot_reconstructions(rec: dict[str, Any], path: str) -> str:
       ax.set_yticks([])
       if j == 0:
         ax.set_ylabel(label, fontsize=7)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-  return path
+  return _save(plt, fig, path)
 
 
 def plot_ratio_histogram(rec: dict[str, Any], path: str) -> str:
@@ -176,7 +177,4 @@ def plot_ratio_histogram(rec: dict[str, Any], path: str) -> str:
   ax.set_xlabel('R = D_rc / D_ra')
   ax.set_ylabel('count')
   ax.set_title(f'{100 * rec["fraction_R_below_1"]:.1f}% of {len(r)} FGSM images have R < 1')
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-  return path
+  return _save(plt, fig, path)

@@ -117,3 +117,14 @@ def test_eval_batches_pad_and_mask():
   assert [int(m.sum()) for _, _, m in batches] == [16, 16, 8]
   kept = np.concatenate([y[m] for _, y, m in batches])
   np.testing.assert_array_equal(kept, ds.train_labels)
+
+
+@pytest.mark.parametrize('name,shape', [('mnist', (28, 28, 1)), ('cifar10', (32, 32, 3))])
+def test_tfds_path_without_data_dir(monkeypatch, name, shape):
+  tfds = pytest.importorskip('tensorflow_datasets')
+  monkeypatch.delenv('DEFENDPP_DATA_DIR', raising=False)
+  with tfds.testing.mock_data(num_examples=12, policy=tfds.testing.MockPolicy.USE_CODE):
+    ds = data.load_dataset(name, train_limit=10)
+  assert ds.train_images.shape == (10, *shape) and ds.test_images.shape == (12, *shape)
+  assert ds.train_images.dtype == np.float32 and ds.train_labels.dtype == np.int32
+  assert 0.0 <= ds.train_images.min() and ds.train_images.max() <= 1.0

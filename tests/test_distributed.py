@@ -152,3 +152,38 @@ def test_evaluate_same_numbers_on_one_and_four_devices(tmp_path):
     assert (a['attack'], a['correct'], a['seen']) == (b['attack'], b['correct'], b['seen'])
     if a.get('median_l2') is not None:
       assert abs(a['median_l2'] - b['median_l2']) <= 1e-4 * a['median_l2']
+
+
+_WORKER = '''
+import sys
+import jax
+jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+if len(sys.argv) > 3:
+  jax.distributed.initialize(coordinator_address=sys.argv[3], num_processes=2,
+                             process_id=int(sys.argv[2]))
+from configs import quickstart
+from defendpp_jax import training
+s = training.train_and_evaluate(quickstart.get_config('smoke'), sys.argv[1])
+print('RESULT', jax.process_count(), jax.device_count(), s['params_sha256'], flush=True)
+'''
+
+
+def test_two_processes_match_one_process_with_two_devices(tmp_path):
+  import socket  # pylint: disable=g-import-not-at-top
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    address = f'127.0.0.1:{s.getsockname()[1]}'
+  env = dict(os.environ, PYTHONPATH=ROOT)
+  workdir = str(tmp_path / 'multi')
+  procs = [subprocess.Popen([sys.executable, '-c', _WORKER, workdir, str(i), address], cwd=ROOT,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           for i in range(2)]
+  outs = [p.communicate(timeout=600)[0] for p in procs]
+  for p, out in zip(procs, outs):
+    assert p.returncode == 0, out
+  results = [out.split('RESULT ')[1].split() for out in outs]
+  assert results[0] == results[1] and results[0][:2] == ['2', '2']
+  single = _run_python(_WORKER.replace('sys.argv[1]', repr(str(tmp_path / 'single'))),
+                       {'XLA_FLAGS': '--xla_force_host_platform_device_count=2'})
+  assert single.split('RESULT ')[1].split() == ['1', '2', results[0][2]]
+  assert os.path.isfile(os.path.join(workdir, 'train_summary.json'))  # written by process 0
