@@ -34,6 +34,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.train.seed = 0
   config.train.learning_rate = 0.01
   config.train.lr_decay_epochs = (100, 200)
+  # The decay epochs above are those of a run of this many epochs, rescaled to num_epochs
+  # (250 with num_epochs=1: decays at 40% and 80% of the epoch); 0 = use them as they are.
+  config.train.lr_schedule_epochs = 0
   config.train.lr_decay_factor = 0.1
   config.train.momentum = 0.9
   config.train.weight_decay = 5e-4
@@ -50,6 +53,18 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.train.log_every_steps = 50
   config.train.checkpoint_every_steps = 500
   config.train.max_to_keep = 3
+
+  # Pre-processing defences in front of a fixed classifier (the "ComDefend" baseline): with
+  # name='comdefend' the run trains the reformer alone on clean images (Adam, as its authors)
+  # and evaluates it in front of the classifier trained in `classifier_workdir`.
+  config.defense = ml_collections.ConfigDict()
+  config.defense.name = 'none'        # none | comdefend
+  config.defense.classifier_workdir = ''
+  config.defense.width = 16           # ComCNN / ResCNN channels x width/16; 16 = published
+  config.defense.code_channels = 12
+  config.defense.noise_std = 20.0     # Gaussian noise on the code in training
+  config.defense.code_weight = 1e-4   # loss = MSE + code_weight * mean(code^2)
+  config.defense.learning_rate = 1e-2 # Adam(b1=0.5, b2=0.999), constant
 
   config.eval = ml_collections.ConfigDict()
   config.eval.batch_size = 500
@@ -70,6 +85,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.eval.ddn_steps = 100
   config.eval.l2_thresholds = ()      # () = per dataset; minimal-norm accuracy at these L2
   config.eval.source_workdir = ''     # transfer: craft on this run, evaluate on --workdir
+  # white_box: the attacker differentiates the whole deployed model (a reformer's binarisation
+  # with a straight-through gradient); grey_box: a reformer is hidden, the attacker crafts on
+  # the classifier alone (ComDefend's own protocol).
+  config.eval.threat_model = 'white_box'
   config.eval.seed = 0
   config.eval.figures = True          # accuracy-vs-eps sweep, reconstructions, R histogram
   config.eval.eps_grid = ()           # () = per dataset
@@ -90,6 +109,7 @@ def apply_arg(config: ml_collections.ConfigDict, arg: str | None) -> ml_collecti
 def apply_smoke(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Shrinks any config to a seconds-long run for tests (the ':smoke' argument)."""
   config.model.width = 4
+  config.defense.width = 2
   config.data.train_limit = 128
   config.data.test_limit = 64
   config.train.num_epochs = 1

@@ -18,4 +18,5 @@ def get_config(arg: str | None = None):
   config.train.num_epochs = 300
   config.train.learning_rate = 0.1        # decayed x0.1 every 100 epochs until 300
   config.train.lr_decay_epochs = (100, 200)
+  config.train.lr_schedule_epochs = 0     # >0: rescale the decay epochs to num_epochs
   return base.apply_arg(config, arg)

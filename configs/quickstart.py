@@ -21,6 +21,7 @@ def get_config(arg: str | None = None):
   config.train.batch_size = 64
   config.train.learning_rate = 0.05
   config.train.lr_decay_epochs = (10,)
+  config.train.lr_schedule_epochs = 0
   config.train.log_every_steps = 50
   config.train.checkpoint_every_steps = 200
   # Shorter attacks than the paper's (100 steps; C&W 5 x 20 kept) so that `make run` stays a few

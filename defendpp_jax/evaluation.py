@@ -79,6 +79,10 @@ def attack_specs(config: ml_collections.ConfigDict, dataset: str) -> list[Attack
       specs.append(AttackSpec('apgd', {'eps': eps, 'num_steps': ec.apgd_steps,
                                        'loss': ec.apgd_loss, 'norm': 'linf'},
                               'linf', eps, ec.apgd_steps))
+    elif name == 'apgd_dlr':  # the DLR-loss run of AutoAttack, beside the CE one
+      specs.append(AttackSpec('apgd', {'eps': eps, 'num_steps': ec.apgd_steps, 'loss': 'dlr',
+                                       'norm': 'linf'}, 'linf', eps, ec.apgd_steps,
+                              label='apgd_dlr'))
     elif name == 'cw_l2':
       specs.append(AttackSpec('cw_l2', {'binary_search_steps': ec.cw_binary_steps,
                                         'num_steps': ec.cw_steps, 'confidence': 0.0,
@@ -89,7 +93,7 @@ def attack_specs(config: ml_collections.ConfigDict, dataset: str) -> list[Attack
                                       'init_norm': 1.0}, 'l2', None, ec.ddn_steps))
     else:
       raise ValueError(f'config.eval.attacks: unknown attack {name!r}; known: '
-                       f'{tuple(attacks_lib.ATTACKS)}')
+                       f'{tuple(attacks_lib.ATTACKS) + ("apgd_dlr",)}')
   return specs
 
 
@@ -99,37 +103,85 @@ def attack_specs(config: ml_collections.ConfigDict, dataset: str) -> list[Attack
 
 @dataclasses.dataclass
 class LoadedModel:
+  """A trained, deployed model: `apply_logits(variables, x)` is pure and in inference mode.
+
+  `model` is the `DefendPP` module when the deployed model is a Defend++ / baseline classifier
+  (its decoder is then available for the reconstruction figures), None for a reformer in front
+  of a classifier.
+  """
   config: ml_collections.ConfigDict
-  model: models.DefendPP
+  apply_logits: Callable[[Any, jax.Array], jax.Array]
   variables: Any
   step: int
   workdir: str
+  model: models.DefendPP | None = None
 
   @property
   def name(self) -> str:
-    c = self.config.model
-    return f'{c.arch}-w{c.width}-{c.decoder}'
+    return training.run_name(self.config)
 
   def logits_fn(self, variables=None) -> Callable[[jax.Array], jax.Array]:
-    return models.classifier_logits_fn(self.model, variables or self.variables)
+    return functools.partial(self.apply_logits, variables or self.variables)
 
 
-def load_model(config: ml_collections.ConfigDict, workdir: str,
-               ds: data_lib.Dataset) -> LoadedModel:
-  """The latest checkpoint of `workdir`, built from `config`; a clear error when there is none."""
-  model = training.build(config, ds)
-  tx, _ = training.make_optimizer(config, 1)
+def _restore(config: ml_collections.ConfigDict, workdir: str, ds: data_lib.Dataset
+             ) -> tuple[training.Setup, training.TrainState]:
+  """The latest checkpoint of `workdir` as a TrainState; a clear error when there is none."""
+  setup = training.make_setup(config, ds, 1)
   replicated = NamedSharding(training.make_mesh(), P())
   abstract = jax.tree_util.tree_map(
       lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
-      jax.eval_shape(functools.partial(training.init_state, model, tx), jax.random.key(0)))
+      jax.eval_shape(setup.init, jax.random.key(0)))
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, 'checkpoints'))
   state, _ = ckpt.restore_latest(abstract)
   ckpt.close()
   if state is None:
     raise FileNotFoundError(f'no checkpoint in {os.path.join(workdir, "checkpoints")}: train '
                             f'first with python -m launch.train --workdir={workdir}')
-  return LoadedModel(config, model, state.variables, int(state.step), workdir)
+  return setup, state
+
+
+def load_model(config: ml_collections.ConfigDict, workdir: str,
+               ds: data_lib.Dataset) -> LoadedModel:
+  """The deployed model of the run in `workdir` (its latest checkpoint), built from `config`."""
+  if config.defense.name != 'none':
+    return load_deployed(config, workdir, ds)
+  setup, state = _restore(config, workdir, ds)
+  return LoadedModel(config, models.classify_apply(setup.model), state.variables,
+                     int(state.step), workdir, model=setup.model)
+
+
+def load_deployed(config: ml_collections.ConfigDict, workdir: str, ds: data_lib.Dataset,
+                  state: training.TrainState | None = None) -> LoadedModel:
+  """A reformer run (`workdir`, or its `state`) in front of its classifier run.
+
+  The classifier is `config.defense.classifier_workdir`'s deployed model. The binarisation of
+  the code has a straight-through gradient (BPDA), so a white-box attack differentiates the
+  whole pipeline; the values are those of the hard binarisation.
+  """
+  if not config.defense.classifier_workdir:
+    raise ValueError(f'config.defense.name={config.defense.name!r} needs '
+                     'config.defense.classifier_workdir (the classifier it protects)')
+  classifier = load_model(config_of_run(config.defense.classifier_workdir),
+                          config.defense.classifier_workdir, ds)
+  setup = training.make_setup(config, ds, 1)
+  if state is None:
+    setup, state = _restore(config, workdir, ds)
+  reformer, cls_apply = setup.model, classifier.apply_logits
+
+  def apply_logits(variables, x):
+    cleaned = reformer.apply({'params': variables['reformer']}, x, straight_through=True)
+    return cls_apply(variables['classifier'], cleaned)
+
+  return LoadedModel(config, apply_logits,
+                     {'reformer': state.params, 'classifier': classifier.variables},
+                     int(state.step), workdir)
+
+
+def classifier_of(deployed: LoadedModel, ds: data_lib.Dataset) -> LoadedModel:
+  """The classifier behind a reformer: what a grey-box attacker sees."""
+  cls_dir = deployed.config.defense.classifier_workdir
+  return load_model(config_of_run(cls_dir), cls_dir, ds)
 
 
 def config_of_run(workdir: str) -> ml_collections.ConfigDict:
@@ -150,22 +202,23 @@ def _batch_size(requested: int, mesh, num_examples: int) -> int:
   return math.ceil(min(requested, num_examples) / mesh.size) * mesh.size
 
 
-def make_attack_fn(spec: AttackSpec, model: models.DefendPP) -> Callable:
-  """jit(variables, x, y, key) -> x_adv with the model's inference-mode classifier."""
+def make_attack_fn(spec: AttackSpec, apply_logits: Callable[[Any, jax.Array], jax.Array]
+                   ) -> Callable:
+  """jit(variables, x, y, key) -> x_adv against the inference-mode `apply_logits`."""
   attack = attacks_lib.ATTACKS[spec.attack]
   kwargs = dict(spec.kwargs)
   needs_key = spec.attack in ('pgd', 'apgd')
 
   def run(variables, x, y, key):
-    logits_fn = models.classifier_logits_fn(model, variables)
+    logits_fn = functools.partial(apply_logits, variables)
     extra = {'key': key} if needs_key else {}
     return attack(logits_fn, x, y, **kwargs, **extra)
 
   return jax.jit(run)
 
 
-def _predict_fn(model):
-  return jax.jit(lambda v, x: jnp.argmax(model.apply(v, x, method='classify'), -1))
+def _predict_fn(apply_logits):
+  return jax.jit(lambda v, x: jnp.argmax(apply_logits(v, x), -1))
 
 
 @dataclasses.dataclass
@@ -188,8 +241,8 @@ def run_attack(spec: AttackSpec, target: LoadedModel, images: np.ndarray, labels
   mesh = training.make_mesh()
   sharding = NamedSharding(mesh, P('data'))
   batch_size = _batch_size(batch_size, mesh, len(labels))
-  attack_fn = make_attack_fn(spec, source.model)
-  predict = _predict_fn(target.model)
+  attack_fn = make_attack_fn(spec, source.apply_logits)
+  predict = _predict_fn(target.apply_logits)
   correct, seen, distances = 0, 0, []
   batches = data_lib.eval_batches(images, labels, batch_size)
   n_batches = math.ceil(len(labels) / batch_size)
@@ -250,7 +303,7 @@ def sanity_checks(target: LoadedModel, images, labels, clean_acc: float,
                  'expected': '<= 0.05', 'passed': acc_big <= 0.05})
   if 'fgsm' in results:
     fgsm = results['fgsm'].accuracy
-    for name in ('bim', 'pgd', 'apgd'):
+    for name in ('bim', 'pgd', 'apgd', 'apgd_dlr'):
       if name in results:
         acc = results[name].accuracy
         checks.append({'name': f'{name} at least as strong as FGSM at the same eps',
@@ -268,9 +321,13 @@ def sanity_checks(target: LoadedModel, images, labels, clean_acc: float,
 # ---------------------------------------------------------------------------------------------
 
 
-def evaluate(config: ml_collections.ConfigDict, workdir: str, progress: bool = True
-             ) -> dict[str, Any]:
-  """Evaluates the latest checkpoint of `workdir`; writes robustness.json / .md and figures."""
+def evaluate(config: ml_collections.ConfigDict, workdir: str, progress: bool = True,
+             out_dir: str | None = None) -> dict[str, Any]:
+  """Evaluates the latest checkpoint of `workdir`; writes robustness.json / .md and figures.
+
+  The files go to `out_dir` (default: `workdir`), so that one model can be evaluated under
+  several settings (threat models, attack budgets) side by side.
+  """
   training.validate_config(config)
   ds = data_lib.load_dataset(config.data.name, config.data.data_dir or None,
                              config.data.train_limit or None, config.data.test_limit or None)
@@ -279,16 +336,18 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, progress: bool = T
   target = load_model(config, workdir, ds)
   key = jax.random.key(config.eval.seed)
   mesh = training.make_mesh()
-  correct, seen = training.evaluate_clean(target.model, target.variables, images, labels,
+  correct, seen = training.evaluate_clean(target.apply_logits, target.variables, images, labels,
                                           config.eval.batch_size, mesh)
   clean_acc = correct / seen
   specs = attack_specs(config, config.data.name)
   thresholds = tuple(config.eval.l2_thresholds) or DEFAULT_L2_THRESHOLDS.get(
       config.data.name, (0.5, 1.0))
+  # Grey-box: the reformer is hidden, adversarials are crafted on the classifier behind it.
+  crafter = classifier_of(target, ds) if config.eval.threat_model == 'grey_box' else None
   results = {}
   for spec in specs:
     results[spec.key] = run_attack(spec, target, images, labels, config.eval.batch_size, key,
-                                   progress=progress)
+                                   source=crafter, progress=progress)
   transfer, source_name = {}, None
   if config.eval.source_workdir:
     src_config = config_of_run(config.eval.source_workdir)
@@ -302,6 +361,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, progress: bool = T
   report = {
       'model': target.name, 'workdir': os.path.abspath(workdir), 'step': target.step,
       'dataset': config.data.name, 'num_examples': seen,
+      'threat_model': config.eval.threat_model,
       'clean_accuracy': clean_acc, 'clean_correct': correct,
       'rows': [result_row(r, thresholds) for r in results.values()],
       'transfer': ({'source_workdir': os.path.abspath(config.eval.source_workdir),
@@ -313,18 +373,19 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, progress: bool = T
       'config': config.to_dict(),
   }
   if config.eval.figures:
-    report['eps_sweep'] = eps_sweep(config, target, images, labels, key)
-    if config.model.decoder != 'none':
+    report['eps_sweep'] = eps_sweep(config, target, images, labels, key, source=crafter)
+    if target.model is not None and config.model.decoder != 'none':
       report['reconstruction'] = reconstruction_analysis(
           target, images, labels, DEFAULT_EPS.get(config.data.name, 0.05) if not config.eval.eps
           else config.eval.eps, config.eval.batch_size)
   if jax.process_index() == 0:
-    reporting.write_report(report, workdir)
+    reporting.write_report(report, out_dir or workdir)
   print(reporting.markdown_table(report), flush=True)
   return report
 
 
-def eps_sweep(config, target: LoadedModel, images, labels, key) -> dict[str, Any]:
+def eps_sweep(config, target: LoadedModel, images, labels, key,
+              source: LoadedModel | None = None) -> dict[str, Any]:
   """Accuracy vs eps for FGSM and PGD (paper Fig. 6)."""
   ec = config.eval
   grid = tuple(ec.eps_grid) or DEFAULT_EPS_GRID.get(config.data.name, (0.01, 0.05, 0.1))
@@ -337,7 +398,8 @@ def eps_sweep(config, target: LoadedModel, images, labels, key) -> dict[str, Any
                              ec.sweep_pgd_steps, 'num_steps': ec.sweep_pgd_steps,
                              'norm': 'linf'}, 'linf', eps, ec.sweep_pgd_steps)
     for name, spec in (('fgsm', fgsm), ('pgd', pgd)):
-      res = run_attack(spec, target, images[:n], labels[:n], ec.batch_size, key, progress=False)
+      res = run_attack(spec, target, images[:n], labels[:n], ec.batch_size, key, source=source,
+                       progress=False)
       out[name].append(res.accuracy)
   return out
 
@@ -347,7 +409,7 @@ def reconstruction_analysis(target: LoadedModel, images, labels, eps: float,
   """FGSM images, the AE's reconstructions and R = D_rc / D_ra (paper Figs. 7-8)."""
   n = min(num, len(labels))
   spec = AttackSpec('fgsm', {'eps': eps}, 'linf', eps, 1)
-  attack_fn = make_attack_fn(spec, target.model)
+  attack_fn = make_attack_fn(spec, target.apply_logits)
   full = jax.jit(lambda v, x: target.model.apply(v, x, train=False)[1][0])
   ratios, shown = [], None
   for start in range(0, n, batch_size):

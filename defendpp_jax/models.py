@@ -455,3 +455,8 @@ def build_model(model_config: Any, num_classes: int, image_shape: Sequence[int],
 def classifier_logits_fn(model: DefendPP, variables: Any) -> Callable[[jax.Array], jax.Array]:
   """A pure `images -> logits` function of the inference-mode classifier (for attacks)."""
   return functools.partial(model.apply, variables, method='classify')
+
+
+def classify_apply(model: DefendPP) -> Callable[[Any, jax.Array], jax.Array]:
+  """A pure `(variables, images) -> logits` of the inference-mode classifier."""
+  return functools.partial(model.apply, method='classify')

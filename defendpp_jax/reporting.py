@@ -15,7 +15,7 @@ from typing import Any, Iterable
 import numpy as np
 
 TABLE_COLUMNS = (('fgsm', 'FGSM'), ('bim', 'BIM'), ('pgd', 'PGD'), ('cw_l2', 'C&W'),
-                 ('ddn', 'DDN'), ('apgd', 'APGD'))
+                 ('ddn', 'DDN'), ('apgd', 'APGD'), ('apgd_dlr', 'APGD-DLR'))
 
 
 def progress(iterable: Iterable, total: int, desc: str, enabled: bool = True) -> Iterable:
@@ -41,7 +41,7 @@ def _steps(row: dict[str, Any]) -> str:
   return f'{row["steps"]} step{"s" if row["steps"] != 1 else ""}'
 
 
-def _settings(row: dict[str, Any]) -> str:
+def settings_text(row: dict[str, Any]) -> str:
   if row['eps'] is not None:
     s = f'{row["norm"]} eps={row["eps"]:g}, {_steps(row)}'
     if row.get('restarts', 1) > 1:
@@ -72,7 +72,7 @@ def markdown_table(report: dict[str, Any], title: str | None = None) -> str:
                  ' | '.join(cells + ['-']) + ' |')
   lines += ['', 'Accuracy in % (correct / seen). Settings:', '']
   for r in report['rows']:
-    lines.append(f'- {r["attack"]}: {_settings(r)} ({r["correct"]}/{r["seen"]})')
+    lines.append(f'- {r["attack"]}: {settings_text(r)} ({r["correct"]}/{r["seen"]})')
   lines += ['', 'Sanity checks:' if report['sanity_checks_passed']
             else '**SANITY CHECK FAILED — these numbers are not trustworthy:**', '']
   for c in report['sanity_checks']:
@@ -177,4 +177,23 @@ def plot_ratio_histogram(rec: dict[str, Any], path: str) -> str:
   ax.set_xlabel('R = D_rc / D_ra')
   ax.set_ylabel('count')
   ax.set_title(f'{100 * rec["fraction_R_below_1"]:.1f}% of {len(r)} FGSM images have R < 1')
+  return _save(plt, fig, path)
+
+
+def plot_eps_curves(sweeps: dict[str, dict[str, Any]], path: str, title: str = '') -> str:
+  """Accuracy vs eps of several models on one plot (paper Fig. 6): FGSM solid, PGD dashed."""
+  plt = _pyplot()
+  fig, ax = plt.subplots(figsize=(5, 3.5))
+  for i, (label, sweep) in enumerate(sweeps.items()):
+    color = f'C{i}'
+    ax.plot(sweep['eps'], np.asarray(sweep['fgsm']) * 100, 'o-', color=color,
+            label=f'{label}, FGSM')
+    ax.plot(sweep['eps'], np.asarray(sweep['pgd']) * 100, 's--', color=color,
+            label=f'{label}, PGD-{sweep["pgd_steps"]}')
+  ax.set_xlabel('L-inf epsilon')
+  ax.set_ylabel('accuracy (%)')
+  ax.set_ylim(-2, 102)
+  ax.set_title(title)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7)
   return _save(plt, fig, path)

@@ -10,6 +10,7 @@ BatchNorm statistics and gradients are those of the whole global batch on 1 or N
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -30,11 +31,13 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from defendpp_jax import attacks
 from defendpp_jax import checkpointing
 from defendpp_jax import data as data_lib
+from defendpp_jax import defenses
 from defendpp_jax import frequency
 from defendpp_jax import losses
 from defendpp_jax import models
 
 SCHEDULES = ('joint', 'alternating')
+THREAT_MODELS = ('white_box', 'grey_box')
 ADVERSARIAL = ('none', 'fgsm', 'pgd', 'ddn')
 # Adversarial-training budgets when config.train.adv_eps / adv_max_norm are 0: the evaluation's
 # L-inf eps per dataset (paper Sec. 4.1) and Rony et al.'s DDN norms (MNIST 2.4, CIFAR-10 1.0).
@@ -74,6 +77,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _choice(config, 'loss.targets', frequency.TARGET_KINDS)
   _choice(config, 'train.schedule', SCHEDULES)
   _choice(config, 'train.adversarial', ADVERSARIAL)
+  _choice(config, 'defense.name', defenses.DEFENSES)
+  _choice(config, 'eval.threat_model', THREAT_MODELS)
+  if config.eval.threat_model == 'grey_box' and config.defense.name == 'none':
+    raise ValueError("config.eval.threat_model='grey_box' needs a pre-processing defence "
+                     "(config.defense.name='comdefend'): without one nothing is hidden")
   max_shared = 5 if config.model.arch == 'vgg16' else 4
   if not 1 <= config.model.shared_blocks <= max_shared:
     raise ValueError(f'config.model.shared_blocks={config.model.shared_blocks} must be in '
@@ -109,10 +117,20 @@ def build(config: ml_collections.ConfigDict, ds: data_lib.Dataset) -> models.Def
 
 def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int
                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """SGD with momentum and (PyTorch-style, coupled) weight decay; step-decay learning rate."""
+  """SGD with momentum and (PyTorch-style, coupled) weight decay; step-decay learning rate.
+
+  The decay epochs are those of a `lr_schedule_epochs`-long run (the paper's 250 / 300 epochs),
+  stretched or shrunk to the `num_epochs` actually trained, so that a shortened run still
+  anneals at the same fractions of its length (0: no rescaling).
+  """
   tc = config.train
-  boundaries = {int(e) * steps_per_epoch: tc.lr_decay_factor for e in tc.lr_decay_epochs
-                if int(e) > 0}
+  horizon = tc.get('lr_schedule_epochs', 0)
+  scale = tc.num_epochs / horizon if horizon else 1.0
+  boundaries = {}
+  for e in tc.lr_decay_epochs:
+    b = int(round(float(e) * scale * steps_per_epoch))
+    if b > 0:
+      boundaries[b] = boundaries.get(b, 1.0) * tc.lr_decay_factor
   schedule = optax.piecewise_constant_schedule(tc.learning_rate, boundaries)
   tx = optax.chain(optax.add_decayed_weights(tc.weight_decay),
                    optax.sgd(schedule, momentum=tc.momentum))
@@ -135,6 +153,68 @@ def init_state(model: models.DefendPP, tx: optax.GradientTransformation, key: ja
                     opt_state=tx.init(params))
 
 
+def init_reformer_state(model: defenses.ComDefend, tx: optax.GradientTransformation,
+                        key: jax.Array, batch_size: int = 2, image_shape=None) -> TrainState:
+  """Initial parameters of a pre-processing reformer (no BatchNorm statistics)."""
+  variables = model.init({'params': key, 'noise': key},
+                         jnp.zeros((batch_size, *image_shape), jnp.float32), train=True)
+  params = dict(variables['params'])
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats={},
+                    opt_state=tx.init(params))
+
+
+def reformer_train_step(state: TrainState, images: jax.Array, labels: jax.Array,
+                        weights: jax.Array, key: jax.Array, *, model: defenses.ComDefend,
+                        tx: optax.GradientTransformation, code_weight: float
+                        ) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One Adam step of a reformer on clean images (labels and phase weights are unused)."""
+  del labels, weights
+  step_key = jax.random.fold_in(key, state.step)
+
+  def loss_fn(params):
+    rec, code = model.apply({'params': params}, images, train=True, rngs={'noise': step_key})
+    loss, terms = defenses.reformer_loss(rec, code, images, code_weight)
+    return loss, {'loss': loss, **terms}
+
+  grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  return TrainState(state.step + 1, params, state.batch_stats, opt_state), metrics
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+  """What a run trains, selected by config: Defend++ / a baseline classifier, or a reformer."""
+  model: Any                      # models.DefendPP or defenses.ComDefend
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule
+  init: Callable[[jax.Array], TrainState]
+  step: Callable[..., tuple[TrainState, dict[str, jax.Array]]]  # (state, x, y, weights, key)
+
+
+def make_setup(config: ml_collections.ConfigDict, ds: data_lib.Dataset,
+               steps_per_epoch: int) -> Setup:
+  if config.defense.name == 'comdefend':
+    model = defenses.build_reformer(config.defense, ds.image_shape)
+    lr = config.defense.learning_rate
+    tx, schedule = optax.adam(lr, b1=0.5, b2=0.999), optax.constant_schedule(lr)
+    return Setup(model, tx, schedule,
+                 functools.partial(init_reformer_state, model, tx,
+                                   image_shape=ds.image_shape),
+                 functools.partial(reformer_train_step, model=model, tx=tx,
+                                   code_weight=config.defense.code_weight))
+  model = build(config, ds)
+  tx, schedule = make_optimizer(config, steps_per_epoch)
+  step = functools.partial(
+      train_step, model=model, tx=tx, targets=config.loss.targets,
+      lambda_ms=config.loss.lambda_ms, full_scale_weight=config.loss.full_scale_weight,
+      adversarial=config.train.adversarial,
+      adv_eps=config.train.adv_eps or ADV_EPS.get(config.data.name, 0.05),
+      adv_steps=config.train.adv_steps,
+      adv_max_norm=config.train.adv_max_norm or ADV_MAX_NORM.get(config.data.name, 1.0))
+  return Setup(model, tx, schedule, functools.partial(init_state, model, tx), step)
+
+
 def phase_weights(config: ml_collections.ConfigDict, epoch: int) -> tuple[float, float, str]:
   """(classification weight, reconstruction weight, phase name) of `epoch` (paper Sec. 3.4).
 
@@ -142,6 +222,8 @@ def phase_weights(config: ml_collections.ConfigDict, epoch: int) -> tuple[float,
   The shared blocks are one set of parameters, so the paper's "copy the encoder weights into the
   classifier and back" happens by construction.
   """
+  if config.defense.name != 'none':
+    return 0.0, 1.0, 'reformer'
   if config.model.decoder == 'none':
     return 1.0, 0.0, 'classifier'
   if config.train.schedule == 'alternating':
@@ -223,9 +305,9 @@ def train_step(state: TrainState, images: jax.Array, labels: jax.Array, weights:
 
 
 def eval_step(variables: Any, images: jax.Array, labels: jax.Array, mask: jax.Array, *,
-              model: models.DefendPP) -> jax.Array:
-  """Number of correctly classified, unmasked examples (classifier alone, inference mode)."""
-  logits = model.apply(variables, images, method='classify')
+              logits_apply: Callable[[Any, jax.Array], jax.Array]) -> jax.Array:
+  """Number of correctly classified, unmasked examples of `logits_apply(variables, images)`."""
+  logits = logits_apply(variables, images)
   return jnp.sum((jnp.argmax(logits, -1) == labels) & mask)
 
 
@@ -246,13 +328,16 @@ def shard_batch(mesh: Mesh, *arrays: np.ndarray) -> tuple[jax.Array, ...]:
   return tuple(jax.make_array_from_process_local_data(sharding, a) for a in arrays)
 
 
-def evaluate_clean(model: models.DefendPP, variables: Any, images: np.ndarray,
-                   labels: np.ndarray, batch_size: int, mesh: Mesh | None = None
-                   ) -> tuple[int, int]:
-  """(correct, seen) of the inference-mode classifier on a whole split, padded batches masked."""
+def evaluate_clean(logits_apply: Callable[[Any, jax.Array], jax.Array], variables: Any,
+                   images: np.ndarray, labels: np.ndarray, batch_size: int,
+                   mesh: Mesh | None = None) -> tuple[int, int]:
+  """(correct, seen) of an inference-mode `logits_apply(variables, x)` on a whole split.
+
+  For a `DefendPP` model, `logits_apply` is `models.classify_apply(model)` (classifier alone).
+  """
   mesh = mesh or make_mesh()
   batch_size = math.ceil(batch_size / mesh.size) * mesh.size
-  step = jax.jit(functools.partial(eval_step, model=model))
+  step = jax.jit(functools.partial(eval_step, logits_apply=logits_apply))
   correct = 0
   for x, y, m in data_lib.eval_batches(images, labels, batch_size):
     correct += int(step(variables, *_device_put_batch(mesh, x, y, m)))
@@ -340,15 +425,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   os.makedirs(workdir, exist_ok=True)
   ds = data_lib.load_dataset(config.data.name, config.data.data_dir or None,
                              config.data.train_limit or None, config.data.test_limit or None)
-  model = build(config, ds)
   spe = data_lib.steps_per_epoch(len(ds.train_labels), config.train.batch_size)
   total_steps = spe * config.train.num_epochs
-  tx, schedule = make_optimizer(config, spe)
+  setup = make_setup(config, ds, spe)
+  model, schedule = setup.model, setup.schedule
   mesh = make_mesh()
   repl = NamedSharding(mesh, P())
   key = jax.random.key(config.train.seed)
   init_key, step_key = jax.random.split(key)
-  state = jax.jit(functools.partial(init_state, model, tx), out_shardings=repl)(init_key)
+  state = jax.jit(setup.init, out_shardings=repl)(init_key)
 
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, 'checkpoints'),
                                     max_to_keep=config.train.max_to_keep)
@@ -358,20 +443,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     _log(f'resumed from step {int(state.step)} ({ckpt.directory})')
   start = int(state.step)
 
-  step_fn = jit_train_step(functools.partial(
-      train_step, model=model, tx=tx, targets=config.loss.targets,
-      lambda_ms=config.loss.lambda_ms, full_scale_weight=config.loss.full_scale_weight,
-      adversarial=config.train.adversarial,
-      adv_eps=config.train.adv_eps or ADV_EPS.get(config.data.name, 0.05),
-      adv_steps=config.train.adv_steps,
-      adv_max_norm=config.train.adv_max_norm or ADV_MAX_NORM.get(config.data.name, 1.0)), mesh)
+  step_fn = jit_train_step(setup.step, mesh)
   writer = _Writer(os.path.join(workdir, 'tensorboard'))
   n_params = sum(p.size for p in jax.tree_util.tree_leaves(state.params))
-  n_cls = sum(p.size for p in jax.tree_util.tree_leaves(state.params['classifier']))
+  if config.defense.name == 'none':
+    n_cls = sum(p.size for p in jax.tree_util.tree_leaves(state.params['classifier']))
+    what = (f'{config.model.arch} width {config.model.width}, decoder {config.model.decoder}, '
+            f'shared blocks {config.model.shared_blocks}; {n_params:,} params ({n_cls:,} in the '
+            'classifier)')
+  else:
+    what = (f'{config.defense.name} reformer width {config.defense.width}; {n_params:,} params; '
+            f'classifier from {config.defense.classifier_workdir or "(none given)"}')
   _log(f'{config.data.name}: {len(ds.train_labels)} train / {len(ds.test_labels)} test '
-       f'{ds.image_shape}; {config.model.arch} width {config.model.width}, decoder '
-       f'{config.model.decoder}, shared blocks {config.model.shared_blocks}; {n_params:,} params '
-       f'({n_cls:,} in the classifier); {jax.device_count()} device(s); '
+       f'{ds.image_shape}; {what}; {jax.device_count()} device(s); '
        f'{total_steps} steps of batch {config.train.batch_size}')
 
   # Device-side index of the first step with a non-finite loss (-1: none yet), so that a NaN is
@@ -403,12 +487,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           m = {k: float(v) for k, v in jax.device_get(metrics).items()}
           rate = (step - seen_t0) * config.train.batch_size / max(time.time() - t0, 1e-9)
           t0, seen_t0 = time.time(), step
-          m['train_accuracy'] = m.pop('correct') / max(m.pop('seen'), 1)
+          if 'seen' in m:
+            m['train_accuracy'] = m.pop('correct') / max(m.pop('seen'), 1)
           m['learning_rate'] = float(schedule(step))
           writer.scalars(step, m)
-          _log(f'[{step}/{total_steps}] epoch {epoch} ({phase}) loss {m["loss"]:.4f} '
-               f'ce {m["ce"]:.4f} rec {m["rec_full"]:.5f} ms {m["rec_ms"]:.5f} '
-               f'acc {m["train_accuracy"]:.3f} lr {m["learning_rate"]:.4g} {rate:.0f} img/s')
+          _log(f'[{step}/{total_steps}] epoch {epoch} ({phase}) ' +
+               ' '.join(f'{k} {m[k]:.5g}' for k in _LOGGED if k in m) + f' {rate:.0f} img/s')
         if step % config.train.checkpoint_every_steps == 0:
           save(step)
           last_saved = step
@@ -428,22 +512,50 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if stopped_early:
     return {'step': final_step, 'preempted': True}
 
-  correct, seen = evaluate_clean(model, state.variables, ds.test_images, ds.test_labels,
-                                 config.eval.batch_size, mesh)
-  summary = {
-      'clean_accuracy': correct / seen, 'correct': correct, 'seen': seen, 'step': final_step,
-      'param_l2': param_l2(state.params), 'params_sha256': params_sha256(state.params),
-      'model': f'{config.model.arch}-w{config.model.width}-{config.model.decoder}',
-      'num_devices': jax.device_count(), 'config': config.to_dict(),
-  }
-  writer = _Writer(os.path.join(workdir, 'tensorboard'))
-  writer.scalars(final_step, {'test_clean_accuracy': summary['clean_accuracy']})
-  writer.close()
+  summary = {'step': final_step, 'param_l2': param_l2(state.params),
+             'params_sha256': params_sha256(state.params), 'model': run_name(config),
+             'num_devices': jax.device_count(), 'config': config.to_dict()}
+  if config.defense.name == 'none':
+    logits_apply, variables = models.classify_apply(model), state.variables
+  elif config.defense.classifier_workdir:
+    from defendpp_jax import evaluation  # pylint: disable=g-import-not-at-top
+    deployed = evaluation.load_deployed(config, workdir, ds, state=state)
+    logits_apply, variables = deployed.apply_logits, deployed.variables
+  else:  # a reformer without a classifier: report its reconstruction error only
+    logits_apply = variables = None
+  if logits_apply is None:
+    summary.update(clean_accuracy=None, correct=None, seen=len(ds.test_labels))
+    correct = seen = 0
+  else:
+    correct, seen = evaluate_clean(logits_apply, variables, ds.test_images, ds.test_labels,
+                                   config.eval.batch_size, mesh)
+    summary.update(clean_accuracy=correct / seen, correct=correct, seen=seen)
+  if summary['clean_accuracy'] is not None:
+    writer = _Writer(os.path.join(workdir, 'tensorboard'))
+    writer.scalars(final_step, {'test_clean_accuracy': summary['clean_accuracy']})
+    writer.close()
   if jax.process_index() == 0:
     _write_json(os.path.join(workdir, 'train_summary.json'), summary)
-  _log(f'clean test accuracy {summary["clean_accuracy"]:.4f} ({correct}/{seen}) at step '
-       f'{final_step}; summary in {os.path.join(workdir, "train_summary.json")}')
+  if summary['clean_accuracy'] is not None:
+    _log(f'clean test accuracy {summary["clean_accuracy"]:.4f} ({correct}/{seen}) at step '
+         f'{final_step}; summary in {os.path.join(workdir, "train_summary.json")}')
+  else:
+    _log(f'reformer trained to step {final_step} (no config.defense.classifier_workdir: no '
+         f'accuracy); summary in {os.path.join(workdir, "train_summary.json")}')
   return summary
+
+
+def run_name(config: ml_collections.ConfigDict) -> str:
+  """A short name of what a run deploys, e.g. 'resnet18-w16-pyramid' or 'comdefend-w4'."""
+  if config.defense.name != 'none':
+    return f'{config.defense.name}-w{config.defense.width}'
+  name = f'{config.model.arch}-w{config.model.width}-{config.model.decoder}'
+  if config.train.adversarial != 'none':
+    name += f'-adv{config.train.adversarial}'
+  return name
+
+
+_LOGGED = ('loss', 'ce', 'rec_full', 'rec_ms', 'code_penalty', 'train_accuracy', 'learning_rate')
 
 
 @jax.jit

@@ -68,6 +68,22 @@ def test_config_errors_name_the_field():
     quickstart.get_config('smok')
 
 
+def test_step_decay_is_rescaled_to_the_run_length():
+  from configs import mnist  # pylint: disable=g-import-not-at-top
+  config = mnist.get_config()
+  config.train.lr_schedule_epochs = 250  # the decay epochs (100, 200) are those of 250 epochs
+  _, paper = training.make_optimizer(config, steps_per_epoch=10)  # 250 epochs: the paper's
+  assert [float(paper(s)) for s in (999, 1000, 1999, 2000)] == pytest.approx(
+      [0.01, 0.001, 0.001, 0.0001])
+  config.train.num_epochs = 1  # the same schedule shrunk to one epoch: decays at 40% and 80%
+  _, short = training.make_optimizer(config, steps_per_epoch=100)
+  assert [float(short(s)) for s in (39, 40, 79, 80)] == pytest.approx(
+      [0.01, 0.001, 0.001, 0.0001])
+  config.train.lr_schedule_epochs = 0  # no rescaling: the decay epochs are never reached
+  _, flat = training.make_optimizer(config, steps_per_epoch=100)
+  assert float(flat(99)) == pytest.approx(0.01)
+
+
 def test_alternating_schedule_phases():
   config = quickstart.get_config('smoke')
   config.train.schedule = 'alternating'
