@@ -223,23 +223,27 @@ def model_dir(root: str, dataset: str, budget: str, model: str) -> str:
   return os.path.join(os.path.abspath(root), f'{dataset}-{budget}', model)
 
 
+def _as_json(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The config as its saved JSON reads back (tuples as lists), to compare with a saved one."""
+  return json.loads(json.dumps(config.to_dict(), default=list))
+
+
 def _train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   path = os.path.join(workdir, 'train_summary.json')
   if os.path.isfile(path):
     with open(path) as f:
       summary = json.load(f)
-    if summary['config'] == json.loads(json.dumps(config.to_dict(), default=list)):
+    if summary['config'] == _as_json(config):
       return summary  # trained already, with this very config
   return training.train_and_evaluate(config, workdir)
 
 
 def _evaluate(config: ml_collections.ConfigDict, workdir: str, out_dir: str) -> dict[str, Any]:
   path = os.path.join(out_dir, 'robustness.json')
-  want = json.loads(json.dumps(config.to_dict(), default=list))
   if os.path.isfile(path):
     with open(path) as f:
       report = json.load(f)
-    if report['config'] == want:
+    if report['config'] == _as_json(config):
       return report
   return evaluation.evaluate(config, workdir, progress=True, out_dir=out_dir)
 
@@ -260,11 +264,8 @@ def run_table(table: str, workdir: str, budget: str = 'cpu', data_dirs: dict[str
     for m in (row.model, row.source):
       if m and m not in needed:
         needed.append(m)
-  if any(MODELS[m].get('defense.name') for m in needed) and 'plain' not in needed:
-    needed.insert(0, 'plain')
-  if 'comdefend' in needed:  # its classifier first
-    needed.remove('plain')
-    needed.insert(0, 'plain')
+  if any(MODELS[m].get('defense.name') for m in needed):  # a reformer's classifier first
+    needed = ['plain'] + [m for m in needed if m != 'plain']
   summaries = {}
   for m in needed:
     config = model_config(dataset, m, budget, workdir, data_dir)
