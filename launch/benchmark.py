@@ -9,7 +9,10 @@ time separately. With --json, one JSON object per line:
    "steps" (pgd only), "img_per_s", "compile_s", "framework"}
 --compare=torch also runs the identical CIFAR-style architecture in PyTorch eager (training step,
 forward, and torchattacks PGD when installed; see requirements-bench.txt). Time nothing else on
-the machine while this runs: the figures would be wrong.
+the machine while this runs: the figures would be wrong. --ops also times each distinct
+convolution alone (forward, input gradient, weight gradient; records with "work": "conv_fwd" |
+"conv_dgrad" | "conv_wgrad", "ms" per call and "count" per pass), which shows how much of a
+training or attack step is convolution time.
 """
 
 from __future__ import annotations
@@ -38,6 +41,8 @@ _DECODER = flags.DEFINE_string('decoder', 'none', 'Decoder for the training step
 _REPEATS = flags.DEFINE_integer('repeats', 7, 'Timed runs per measurement (median).')
 _JSON = flags.DEFINE_bool('json', False, 'One JSON object per line.')
 _COMPARE = flags.DEFINE_enum('compare', None, ['torch'], 'Also measure PyTorch eager.')
+_OPS = flags.DEFINE_bool('ops', False, 'Also time every distinct convolution of the classifier '
+                         'alone: forward, input gradient, weight gradient (where the time goes).')
 
 
 def _time(fn, repeats: int) -> tuple[float, float]:
@@ -206,6 +211,107 @@ def bench_torch(width: int, shape: tuple[int, int, int], batch: int, steps: list
   return out
 
 
+def model_convs(arch: str, width: int, shape: tuple[int, int, int], batch: int
+                ) -> list[tuple[dict, int]]:
+  """The distinct convolutions of the classifier's forward pass, with how often each occurs."""
+  cfg = ml_collections.ConfigDict({'arch': arch, 'width': width, 'shared_blocks': 1,
+                                   'decoder': 'none', 'num_levels': 0, 'stem': 'auto'})
+  model = models.build_model(cfg, 10, shape)
+  variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((2, *shape))))
+  jaxpr = jax.make_jaxpr(lambda v, x: model.apply(v, x, method='classify'))(
+      variables, jnp.zeros((batch, *shape)))
+  counts: dict[tuple, int] = {}
+
+  def walk(jp):
+    for eqn in jp.eqns:
+      if eqn.primitive.name == 'conv_general_dilated':
+        key = (tuple(eqn.invars[0].aval.shape), tuple(eqn.invars[1].aval.shape),
+               tuple(eqn.params['window_strides']), tuple(map(tuple, eqn.params['padding'])))
+        counts[key] = counts.get(key, 0) + 1
+      for p in eqn.params.values():
+        for q in (p if isinstance(p, (list, tuple)) else [p]):
+          if isinstance(q, jax.extend.core.ClosedJaxpr):
+            walk(q.jaxpr)
+          elif isinstance(q, jax.extend.core.Jaxpr):
+            walk(q)
+
+  walk(jaxpr.jaxpr)
+  return [({'x': k[0], 'w': k[1], 'strides': k[2], 'padding': k[3]}, n)
+          for k, n in counts.items()]
+
+
+def bench_convs(arch: str, width: int, shape: tuple[int, int, int], batch: int, repeats: int,
+                torch_too: bool) -> list[dict]:
+  """Seconds per call of each distinct conv: forward, input gradient and weight gradient.
+
+  JAX runs the project's convolution (models.conv_general_dilated, NHWC / HWIO); PyTorch its
+  NCHW conv2d and the two halves of its convolution backward. Weighted by how often each conv
+  occurs, the sums say how much of a training step (fwd + dgrad + wgrad) or of an attack step
+  (fwd + dgrad) is convolution time.
+  """
+  out = []
+  dn = ('NHWC', 'HWIO', 'NHWC')
+  rng = np.random.default_rng(0)
+  for conv, count in model_convs(arch, width, shape, batch):
+    x = jnp.asarray(rng.normal(size=conv['x']), jnp.float32)
+    w = jnp.asarray(rng.normal(size=conv['w']), jnp.float32)
+
+    def f(x, w, conv=conv):
+      return models.conv_general_dilated(x, w, conv['strides'], conv['padding'],
+                                         dimension_numbers=dn)
+
+    g = jnp.ones(jax.eval_shape(f, x, w).shape, jnp.float32)
+    fns = {'conv_fwd': jax.jit(f),
+           'conv_dgrad': jax.jit(lambda x, w, g, f=f: jax.vjp(lambda x_: f(x_, w), x)[1](g)[0]),
+           'conv_wgrad': jax.jit(lambda x, w, g, f=f: jax.vjp(lambda w_: f(x, w_), w)[1](g)[0])}
+    base = {'arch': arch, 'width': width, 'input': 'x'.join(map(str, shape)), 'batch': batch,
+            'conv_input': 'x'.join(map(str, conv['x'][1:])), 'kernel': 'x'.join(
+                map(str, conv['w'])), 'stride': conv['strides'][0], 'count': count}
+    for work, fn in fns.items():
+      args = (x, w) if work == 'conv_fwd' else (x, w, g)
+      c, t = _time(lambda fn=fn, args=args: fn(*args), repeats)
+      out.append({**base, 'framework': 'jax', 'work': work, 'ms': 1e3 * t, 'compile_s': c})
+    if torch_too:
+      import torch  # pylint: disable=g-import-not-at-top
+      tx = torch.from_numpy(np.asarray(x).transpose(0, 3, 1, 2).copy())
+      tw = torch.from_numpy(np.asarray(w).transpose(3, 2, 0, 1).copy())
+      pad = conv['w'][0] // 2
+      stride = conv['strides'][0]
+      ty = torch.nn.functional.conv2d(tx, tw, stride=stride, padding=pad)
+      tg = torch.ones_like(ty)
+      tfns = {'conv_fwd': lambda: torch.nn.functional.conv2d(tx, tw, stride=stride, padding=pad),
+              'conv_dgrad': lambda: torch.nn.grad.conv2d_input(tx.shape, tw, tg, stride, pad),
+              'conv_wgrad': lambda: torch.nn.grad.conv2d_weight(tx, tw.shape, tg, stride, pad)}
+      for work, fn in tfns.items():
+        with torch.no_grad():
+          fn()
+          ts = []
+          for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+        out.append({**base, 'framework': 'torch', 'work': work,
+                    'ms': 1e3 * float(np.median(ts)), 'compile_s': 0.0})
+  return out
+
+
+def _emit_convs(records: list[dict]) -> None:
+  for r in records:
+    if _JSON.value:
+      print(json.dumps(r), flush=True)
+    else:
+      print(f'{r["framework"]:5s} {r["work"]:10s} x{r["count"]} {r["conv_input"]:>9s} '
+            f'k {r["kernel"]:>12s} s{r["stride"]}: {r["ms"]:8.3f} ms', flush=True)
+  if not _JSON.value:
+    for fw in sorted({r['framework'] for r in records}):
+      tot = {k: sum(r['ms'] * r['count'] for r in records
+                    if r['framework'] == fw and r['work'] == k)
+             for k in ('conv_fwd', 'conv_dgrad', 'conv_wgrad')}
+      print(f'{fw:5s} all convs of one pass: ' + ', '.join(
+          f'{k[5:]} {v:.1f} ms' for k, v in tot.items()) +
+            f'; fwd+dgrad+wgrad {sum(tot.values()):.1f} ms', flush=True)
+
+
 def main(argv):
   del argv
   steps = [int(s) for s in _STEPS.value]
@@ -218,6 +324,9 @@ def main(argv):
         records += bench_torch(width, shape, _BATCH.value, steps, _REPEATS.value)
       for r in records:
         _emit(r)
+      if _OPS.value:
+        _emit_convs(bench_convs(_ARCH.value, width, shape, _BATCH.value, _REPEATS.value,
+                                _COMPARE.value == 'torch'))
       if not _JSON.value:
         by = {(r['framework'], r['work'], r.get('steps')): r['img_per_s'] for r in records}
         a = by[('jax', 'attack_step', None)]
