@@ -40,7 +40,10 @@ def binarize(z: jax.Array, straight_through: bool = False) -> jax.Array:
 
 
 def _conv(features: int, name: str) -> nn.Conv:
-  return nn.Conv(features, (3, 3), padding='SAME', kernel_init=models.torch_init, name=name)
+  # The project's convolution: same values, but its input gradient keeps XLA:CPU's fast kernel
+  # layout inside attack loops (white-box attacks differentiate through the reformer).
+  return nn.Conv(features, (3, 3), padding='SAME', kernel_init=models.torch_init,
+                 conv_general_dilated=models.conv_general_dilated, name=name)
 
 
 class ComCNN(nn.Module):
