@@ -59,6 +59,17 @@ def _time(fn, repeats: int) -> tuple[float, float]:
   return max(first - med, 0.0), med
 
 
+def _time_eager(fn, repeats: int) -> float:
+  """Median seconds of `repeats` runs of an eager (PyTorch) `fn`, after one warm-up run."""
+  fn()
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t0)
+  return float(np.median(times))
+
+
 def _emit(record: dict) -> None:
   if _JSON.value:
     print(json.dumps(record), flush=True)
@@ -160,19 +171,10 @@ def bench_torch(width: int, shape: tuple[int, int, int], batch: int, steps: list
   base = {'arch': 'resnet18', 'width': width, 'input': f'{h}x{w}x{c}', 'batch': batch,
           'framework': 'torch'}
 
-  def timed(fn, reps):
-    fn()
-    ts = []
-    for _ in range(reps):
-      t0 = time.perf_counter()
-      fn()
-      ts.append(time.perf_counter() - t0)
-    return float(np.median(ts))
-
   out = []
   net.eval()
   with torch.no_grad():
-    t = timed(lambda: net(x), repeats)
+    t = _time_eager(lambda: net(x), repeats)
   out.append({**base, 'work': 'forward', 'img_per_s': batch / t, 'compile_s': 0.0})
   net.train()
 
@@ -182,7 +184,7 @@ def bench_torch(width: int, shape: tuple[int, int, int], batch: int, steps: list
     loss.backward()
     opt.step()
 
-  t = timed(train_once, repeats)
+  t = _time_eager(train_once, repeats)
   out.append({**base, 'work': 'train_step', 'img_per_s': batch / t, 'compile_s': 0.0})
   net.eval()
   try:
@@ -202,7 +204,7 @@ def bench_torch(width: int, shape: tuple[int, int, int], batch: int, steps: list
           g, = torch.autograd.grad(loss, xa)
           xa = torch.min(torch.max(xa.detach() + 0.01 * g.sign(), x - 0.3), x + 0.3).clamp(0, 1)
         return xa
-    t = timed(run, max(2, repeats // 2) if k > 20 else repeats)
+    t = _time_eager(run, max(2, repeats // 2) if k > 20 else repeats)
     rec = {**base, 'work': 'attack_step' if k == 1 else 'pgd', 'img_per_s': batch / t,
            'compile_s': 0.0, 'impl': 'torchattacks' if torchattacks else 'hand-written'}
     if k > 1:
@@ -284,14 +286,9 @@ def bench_convs(arch: str, width: int, shape: tuple[int, int, int], batch: int, 
               'conv_wgrad': lambda: torch.nn.grad.conv2d_weight(tx, tw.shape, tg, stride, pad)}
       for work, fn in tfns.items():
         with torch.no_grad():
-          fn()
-          ts = []
-          for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - t0)
-        out.append({**base, 'framework': 'torch', 'work': work,
-                    'ms': 1e3 * float(np.median(ts)), 'compile_s': 0.0})
+          t = _time_eager(fn, repeats)
+        out.append({**base, 'framework': 'torch', 'work': work, 'ms': 1e3 * t,
+                    'compile_s': 0.0})
   return out
 
 
