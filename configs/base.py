@@ -84,10 +84,13 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.eval.cw_lr = 0.01
   config.eval.ddn_steps = 100
   config.eval.l2_thresholds = ()      # () = per dataset; minimal-norm accuracy at these L2
-  config.eval.source_workdir = ''     # transfer: craft on this run, evaluate on --workdir
+  # Transfer: craft on this trained run, evaluate on --workdir. With a white-/grey-box threat
+  # model the transfer rows come in addition to the direct ones.
+  config.eval.source_workdir = ''
   # white_box: the attacker differentiates the whole deployed model (a reformer's binarisation
   # with a straight-through gradient); grey_box: a reformer is hidden, the attacker crafts on
-  # the classifier alone (ComDefend's own protocol).
+  # the classifier alone (ComDefend's own protocol); transfer: only the adversarials crafted on
+  # eval.source_workdir (the Defend++ authors' C&W / DDN scripts craft on the undefended net).
   config.eval.threat_model = 'white_box'
   config.eval.seed = 0
   config.eval.figures = True          # accuracy-vs-eps sweep, reconstructions, R histogram

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import math
 import os
@@ -233,22 +234,47 @@ class AttackResult:
     return self.correct / self.seen
 
 
+# Adversarials crafted on one model and classified by others (transfer, grey-box), kept for the
+# life of the process: every row of a table that classifies the same crafted images (C&W / DDN
+# crafted on the undefended net, for each defended model) pays the crafting once.
+_CRAFTED: dict[tuple, list[np.ndarray]] = {}
+
+
+def _crafting_key(spec, source: LoadedModel, images, labels, batch_size, key) -> tuple:
+  """Everything x_adv depends on: the source's weights, the attack, the inputs, batching, key."""
+  data = hashlib.sha256(np.ascontiguousarray(images).tobytes())
+  data.update(np.ascontiguousarray(labels).tobytes())
+  return (training.params_sha256(source.variables), spec.attack,
+          json.dumps(_jsonable(spec.kwargs), sort_keys=True), data.hexdigest(), batch_size,
+          tuple(np.asarray(jax.random.key_data(key)).ravel().tolist()))
+
+
 def run_attack(spec: AttackSpec, target: LoadedModel, images: np.ndarray, labels: np.ndarray,
                batch_size: int, key: jax.Array, source: LoadedModel | None = None,
                progress: bool = True) -> AttackResult:
   """Crafts adversarials on `source` (default: `target`, white-box) and counts `target`'s hits."""
+  reuse = source is not None and source is not target
   source = source or target
   mesh = training.make_mesh()
   sharding = NamedSharding(mesh, P('data'))
   batch_size = _batch_size(batch_size, mesh, len(labels))
   attack_fn = make_attack_fn(spec, source.apply_logits)
   predict = _predict_fn(target.apply_logits)
+  crafted = None
+  if reuse:
+    crafted = _CRAFTED.setdefault(
+        _crafting_key(spec, source, images, labels, batch_size, key), [])
   correct, seen, distances = 0, 0, []
   batches = data_lib.eval_batches(images, labels, batch_size)
   n_batches = math.ceil(len(labels) / batch_size)
   for i, (x, y, mask) in enumerate(reporting.progress(batches, n_batches, spec.key, progress)):
     xs, ys = jax.device_put(x, sharding), jax.device_put(y, sharding)
-    x_adv = attack_fn(source.variables, xs, ys, jax.random.fold_in(key, i))
+    if crafted is not None and i < len(crafted):
+      x_adv = jax.device_put(crafted[i], sharding)
+    else:
+      x_adv = attack_fn(source.variables, xs, ys, jax.random.fold_in(key, i))
+      if crafted is not None:
+        crafted.append(np.asarray(x_adv))
     pred = np.asarray(predict(target.variables, x_adv))
     ok = (pred == y) & mask
     correct += int(ok.sum())
@@ -342,17 +368,21 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, progress: bool = T
   specs = attack_specs(config, config.data.name)
   thresholds = tuple(config.eval.l2_thresholds) or DEFAULT_L2_THRESHOLDS.get(
       config.data.name, (0.5, 1.0))
-  # Grey-box: the reformer is hidden, adversarials are crafted on the classifier behind it.
-  crafter = classifier_of(target, ds) if config.eval.threat_model == 'grey_box' else None
+  source = None
+  if config.eval.source_workdir:
+    source = load_model(config_of_run(config.eval.source_workdir), config.eval.source_workdir,
+                        ds)
+  # The model the report's rows are crafted on: the target itself (white-box), the classifier
+  # behind a hidden reformer (grey-box) or another trained run (transfer).
+  crafter = {'white_box': None, 'transfer': source}.get(config.eval.threat_model)
+  if config.eval.threat_model == 'grey_box':
+    crafter = classifier_of(target, ds)
   results = {}
   for spec in specs:
     results[spec.key] = run_attack(spec, target, images, labels, config.eval.batch_size, key,
                                    source=crafter, progress=progress)
-  transfer, source_name = {}, None
-  if config.eval.source_workdir:
-    src_config = config_of_run(config.eval.source_workdir)
-    source = load_model(src_config, config.eval.source_workdir, ds)
-    source_name = source.name
+  transfer = {}
+  if source is not None and config.eval.threat_model != 'transfer':
     for spec in specs:
       transfer[spec.key] = run_attack(spec, target, images, labels, config.eval.batch_size,
                                       key, source=source, progress=progress)
@@ -362,10 +392,12 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, progress: bool = T
       'model': target.name, 'workdir': os.path.abspath(workdir), 'step': target.step,
       'dataset': config.data.name, 'num_examples': seen,
       'threat_model': config.eval.threat_model,
+      'crafted_on': (source.name if config.eval.threat_model == 'transfer' else
+                     'classifier' if config.eval.threat_model == 'grey_box' else 'target'),
       'clean_accuracy': clean_acc, 'clean_correct': correct,
       'rows': [result_row(r, thresholds) for r in results.values()],
       'transfer': ({'source_workdir': os.path.abspath(config.eval.source_workdir),
-                    'source_model': source_name,
+                    'source_model': source.name,
                     'rows': [result_row(r, thresholds) for r in transfer.values()]}
                    if transfer else None),
       'sanity_checks': checks,

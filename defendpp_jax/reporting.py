@@ -56,8 +56,11 @@ def settings_text(row: dict[str, Any]) -> str:
 def markdown_table(report: dict[str, Any], title: str | None = None) -> str:
   """The paper's layout (FGSM, BIM, PGD, C&W, DDN, APGD, Clean), then settings and checks."""
   rows = {r['attack']: r for r in report['rows']}
+  crafted = {'grey_box': ', grey-box: crafted on the classifier behind the reformer',
+             'transfer': f', transfer: crafted on {report.get("crafted_on")}'}.get(
+                 report.get('threat_model'), '')
   lines = [f'### {title or report["model"]} ({report["dataset"]}, {report["num_examples"]} '
-           f'test images, step {report["step"]})', '']
+           f'test images, step {report["step"]}{crafted})', '']
   header = [label for key, label in TABLE_COLUMNS if key in rows] + ['Clean']
   lines.append('| model | ' + ' | '.join(header) + ' |')
   lines.append('|---' * (len(header) + 1) + '|')

@@ -31,6 +31,8 @@ TABLES = ('1', '2', '3', '5', '6', '7', '8', 'fig6')
 COLUMNS = (('fgsm', 'FGSM'), ('bim', 'BIM'), ('pgd', 'PGD'), ('cw_l2', 'C&W'), ('ddn', 'DDN'),
            ('apgd', 'APGD'), ('apgd_dlr', 'APGD-DLR'))
 PAPER_COLUMNS = ('FGSM', 'BIM', 'C&W', 'DDN', 'Clean')
+TRANSFER_ATTACKS = ('cw_l2', 'ddn')
+TRANSFER_COLUMNS = (('cw_l2', 'C&W transfer'), ('ddn', 'DDN transfer'))
 
 # The reduced budget that runs on a 2-core CPU. Each choice, and why:
 CPU_BUDGET = {
@@ -97,43 +99,47 @@ class Row:
   threat_model: str = 'white_box'
   source: str | None = None  # transfer: adversarials crafted on this model
   attacks: tuple[str, ...] = STANDARD_ATTACKS
+  # Also C&W and DDN crafted on this model (TRANSFER_COLUMNS): what the authors' scripts
+  # measure (they craft C&W / DDN on the undefended classifier, save the images, and classify
+  # them with each defended model).
+  transfer: str | None = None
 
 
 def _rows_table1():
   return [
-      Row('1 shared block', 'shared1', (84.78, 53.09, 98.95, 98.97, 99.42)),
-      Row('2 shared blocks', 'shared2', (85.20, 50.52, 98.99, 98.95, 99.39)),
-      Row('3 shared blocks', 'shared3', (86.48, 54.56, 99.14, 99.16, 99.42)),
-      Row('4 shared blocks', 'ours', (86.81, 55.37, 99.08, 99.10, 99.47)),
-      Row('ours w/o MS-LP', 'no_mslp', (85.42, 53.48, 99.01, 99.05, 99.41)),
-      Row('ours w/ MS-LI', 'msli', (85.17, 46.90, 99.03, 99.04, 99.39)),
-      Row('ours', 'ours', (86.81, 55.37, 99.08, 99.10, 99.47)),
-      Row('Hourglass', 'hourglass', (85.39, 53.91, 99.03, 99.05, 99.51)),
-      Row('Hourglass+SC', 'hourglass_sc', (84.40, 51.61, 90.00, 99.10, 99.42)),
-      Row('Hourglass+SA', 'hourglass_sa', (85.19, 54.32, 99.05, 99.12, 99.45)),
+      Row('1 shared block', 'shared1', (84.78, 53.09, 98.95, 98.97, 99.42), transfer='plain'),
+      Row('2 shared blocks', 'shared2', (85.20, 50.52, 98.99, 98.95, 99.39), transfer='plain'),
+      Row('3 shared blocks', 'shared3', (86.48, 54.56, 99.14, 99.16, 99.42), transfer='plain'),
+      Row('4 shared blocks', 'ours', (86.81, 55.37, 99.08, 99.10, 99.47), transfer='plain'),
+      Row('ours w/o MS-LP', 'no_mslp', (85.42, 53.48, 99.01, 99.05, 99.41), transfer='plain'),
+      Row('ours w/ MS-LI', 'msli', (85.17, 46.90, 99.03, 99.04, 99.39), transfer='plain'),
+      Row('ours', 'ours', (86.81, 55.37, 99.08, 99.10, 99.47), transfer='plain'),
+      Row('Hourglass', 'hourglass', (85.39, 53.91, 99.03, 99.05, 99.51), transfer='plain'),
+      Row('Hourglass+SC', 'hourglass_sc', (84.40, 51.61, 90.00, 99.10, 99.42), transfer='plain'),
+      Row('Hourglass+SA', 'hourglass_sa', (85.19, 54.32, 99.05, 99.12, 99.45), transfer='plain'),
   ]
 
 
 def _rows_table2():
   return [
       Row('No defense', 'plain', (31.94, 0.00, 0.00, 0.00, 99.60)),
-      Row('Adv. FGSM', 'adv_fgsm', (99.77, 9.86, 99.04, 99.05, 99.51)),
-      Row('Adv. DDN', 'adv_ddn', (95.21, 19.55, 98.66, 98.66, 98.94)),
+      Row('Adv. FGSM', 'adv_fgsm', (99.77, 9.86, 99.04, 99.05, 99.51), transfer='plain'),
+      Row('Adv. DDN', 'adv_ddn', (95.21, 19.55, 98.66, 98.66, 98.94), transfer='plain'),
       Row('ComDefend', 'comdefend', (85.69, 19.04, 98.87, 98.82, 99.43), 'grey_box'),
       Row('ComDefend-wb', 'comdefend', (19.93, 0.00, 0.00, 0.00, 99.43)),
-      Row('ours', 'ours', (86.81, 55.37, 99.08, 99.10, 99.47)),
-      Row('ours + GN', 'ours_gn', (90.56, 56.44, 98.97, 98.98, 99.41)),
+      Row('ours', 'ours', (86.81, 55.37, 99.08, 99.10, 99.47), transfer='plain'),
+      Row('ours + GN', 'ours_gn', (90.56, 56.44, 98.97, 98.98, 99.41), transfer='plain'),
   ]
 
 
 def _rows_table3():
   return [
       Row('No defense', 'plain', (38.35, 0.00, 0.00, 0.00, 93.80)),
-      Row('Adv. FGSM', 'adv_fgsm', (74.01, 11.68, 89.63, 89.46, 91.30)),
-      Row('Adv. DDN', 'adv_ddn', (68.88, 14.42, 86.93, 86.90, 86.94)),
+      Row('Adv. FGSM', 'adv_fgsm', (74.01, 11.68, 89.63, 89.46, 91.30), transfer='plain'),
+      Row('Adv. DDN', 'adv_ddn', (68.88, 14.42, 86.93, 86.90, 86.94), transfer='plain'),
       Row('ComDefend', 'comdefend', (58.06, 23.60, 77.41, 76.28, 87.58), 'grey_box'),
-      Row('ours', 'ours', (64.63, 16.76, 89.78, 89.83, 93.22)),
-      Row('ours + GN', 'ours_gn', (67.42, 18.12, 89.95, 88.76, 92.05)),
+      Row('ours', 'ours', (64.63, 16.76, 89.78, 89.83, 93.22), transfer='plain'),
+      Row('ours + GN', 'ours_gn', (67.42, 18.12, 89.95, 88.76, 92.05), transfer='plain'),
   ]
 
 
@@ -242,14 +248,21 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   return training.train_and_evaluate(config, workdir)
 
 
-def _evaluate(config: ml_collections.ConfigDict, workdir: str, out_dir: str) -> dict[str, Any]:
-  path = os.path.join(out_dir, 'robustness.json')
-  if os.path.isfile(path):
-    with open(path) as f:
-      report = json.load(f)
-    if report['config'] == _as_json(config):
-      return report
-  return evaluation.evaluate(config, workdir, progress=True, out_dir=out_dir)
+def _evaluate(config: ml_collections.ConfigDict, workdir: str, out_dir: str
+              ) -> tuple[dict[str, Any], str]:
+  """(report, its directory): a saved evaluation of this model with this very config (in
+  `out_dir` or, made for another table's row, beside it), or a new one in `out_dir`."""
+  evals = os.path.dirname(out_dir)
+  others = sorted(os.listdir(evals)) if os.path.isdir(evals) else []
+  for d in [out_dir] + [os.path.join(evals, o) for o in others]:
+    path = os.path.join(d, 'robustness.json')
+    if os.path.isfile(path):
+      with open(path) as f:
+        report = json.load(f)
+      if (report['config'] == _as_json(config)
+          and report['workdir'] == os.path.abspath(workdir)):
+        return report, d
+  return evaluation.evaluate(config, workdir, progress=True, out_dir=out_dir), out_dir
 
 
 def run_table(table: str, workdir: str, budget: str = 'cpu', data_dirs: dict[str, str] | None
@@ -265,7 +278,7 @@ def run_table(table: str, workdir: str, budget: str = 'cpu', data_dirs: dict[str
   t0 = time.time()
   needed = []
   for row in rows:
-    for m in (row.model, row.source):
+    for m in (row.model, row.source, row.transfer):
       if m and m not in needed:
         needed.append(m)
   if any(MODELS[m].get('defense.name') for m in needed):  # a reformer's classifier first
@@ -294,11 +307,27 @@ def run_table(table: str, workdir: str, budget: str = 'cpu', data_dirs: dict[str
     out_dir = os.path.join(os.path.abspath(workdir), f'{dataset}-{budget}', 'evals',
                            f'table{table}_{key}{suffix}')
     print(f'=== table {table}: row {row.label!r} -> {out_dir}', flush=True)
-    report = _evaluate(config, model_dir(workdir, dataset, budget, row.model), out_dir)
+    report, out_dir = _evaluate(config, model_dir(workdir, dataset, budget, row.model), out_dir)
     rows_by = {r['attack']: r for r in (report['transfer']['rows'] if row.source
                                          else report['rows'])}
     ours = {label: 100 * rows_by[k]['accuracy'] for k, label in COLUMNS if k in rows_by}
     ours['Clean'] = 100 * report['clean_accuracy']
+    transfer = None
+    if row.transfer and not strong:
+      t_config = config.copy_and_resolve_references()
+      t_config.eval.threat_model = 'transfer'
+      t_config.eval.source_workdir = model_dir(workdir, dataset, budget, row.transfer)
+      t_config.eval.attacks = TRANSFER_ATTACKS
+      t_config.eval.figures = False
+      print(f'=== table {table}: row {row.label!r}, C&W / DDN crafted on {row.transfer}',
+            flush=True)
+      t_report, t_dir = _evaluate(t_config, model_dir(workdir, dataset, budget, row.model),
+                                  out_dir + '_transfer')
+      t_rows = {r['attack']: r for r in t_report['rows']}
+      ours.update({label: 100 * t_rows[k]['accuracy'] for k, label in TRANSFER_COLUMNS})
+      transfer = {'source_model': row.transfer, 'eval_dir': t_dir,
+                  'median_l2': {k: t_rows[k].get('median_l2') for k in TRANSFER_ATTACKS},
+                  'sanity_checks_passed': t_report['sanity_checks_passed']}
     out_rows.append({
         'label': row.label, 'model': row.model, 'threat_model': row.threat_model,
         'source_model': row.source,
@@ -313,6 +342,7 @@ def run_table(table: str, workdir: str, budget: str = 'cpu', data_dirs: dict[str
         'num_examples': report['num_examples'], 'eval_dir': out_dir,
         'train_step': report['step'],
         'eps_sweep': report.get('eps_sweep'),
+        'transfer': transfer,
         'settings': {r['attack']: reporting.settings_text(r) for r in
                      (report['transfer']['rows'] if row.source else report['rows'])},
     })
@@ -343,7 +373,8 @@ def run_table(table: str, workdir: str, budget: str = 'cpu', data_dirs: dict[str
 
 def markdown(result: dict[str, Any]) -> str:
   """Paper vs ours, side by side, one line per row."""
-  cols = [c for _, c in COLUMNS if any(c in r['ours'] for r in result['rows'])] + ['Clean']
+  cols = [c for _, c in COLUMNS + TRANSFER_COLUMNS
+          if any(c in r['ours'] for r in result['rows'])] + ['Clean']
   jpeg = ' (CIFAR-10 = the JPEG re-encoded copy)' if result['cifar10_is_jpeg_copy'] else ''
   lines = [f'Table {result["table"]}, {result["dataset"]}{jpeg}, budget `{result["budget"]}`'
            f'{", strong evaluation" if result["strong"] else ""}; accuracy in % on '

@@ -37,7 +37,7 @@ from defendpp_jax import losses
 from defendpp_jax import models
 
 SCHEDULES = ('joint', 'alternating')
-THREAT_MODELS = ('white_box', 'grey_box')
+THREAT_MODELS = ('white_box', 'grey_box', 'transfer')
 ADVERSARIAL = ('none', 'fgsm', 'pgd', 'ddn')
 # Adversarial-training budgets when config.train.adv_eps / adv_max_norm are 0: the evaluation's
 # L-inf eps per dataset (paper Sec. 4.1) and Rony et al.'s DDN norms (MNIST 2.4, CIFAR-10 1.0).
@@ -82,6 +82,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if config.eval.threat_model == 'grey_box' and config.defense.name == 'none':
     raise ValueError("config.eval.threat_model='grey_box' needs a pre-processing defence "
                      "(config.defense.name='comdefend'): without one nothing is hidden")
+  if config.eval.threat_model == 'transfer' and not config.eval.source_workdir:
+    raise ValueError("config.eval.threat_model='transfer' needs config.eval.source_workdir: "
+                     'the trained run the adversarials are crafted on')
   max_shared = 5 if config.model.arch == 'vgg16' else 4
   if not 1 <= config.model.shared_blocks <= max_shared:
     raise ValueError(f'config.model.shared_blocks={config.model.shared_blocks} must be in '

@@ -8,6 +8,7 @@ import pytest
 
 from configs import quickstart
 from defendpp_jax import evaluation
+from defendpp_jax import reporting
 from defendpp_jax import training
 
 
@@ -77,10 +78,25 @@ def test_transfer_and_failed_check_is_flagged(runs):
   assert any('transfer' in c['name'] for c in report['sanity_checks'])
   md = open(os.path.join(workdir, 'robustness.md')).read()
   assert 'transfer from resnet18-w4-pyramid' in md
+  # threat_model='transfer': only the rows crafted on the source, the same as the transfer block.
+  config.eval.threat_model = 'transfer'
+  only = evaluation.evaluate(config, workdir, progress=False)
+  assert only['transfer'] is None and only['crafted_on'] == 'resnet18-w4-pyramid'
+  assert [(r['attack'], r['correct'], r['seen']) for r in only['rows']] == [
+      (r['attack'], r['correct'], r['seen']) for r in report['transfer']['rows']]
+  assert 'transfer: crafted on resnet18-w4-pyramid' in reporting.markdown_table(only)
+  # The second evaluation classified the images the first one crafted (kept in memory); crafting
+  # them afresh gives the same counts.
+  assert len(evaluation._CRAFTED) >= 1
+  evaluation._CRAFTED.clear()
+  fresh = evaluation.evaluate(config, workdir, progress=False)
+  assert fresh['rows'] == only['rows'] and len(evaluation._CRAFTED) == 1
+  config.eval.source_workdir = ''
+  with pytest.raises(ValueError, match='config.eval.source_workdir'):
+    evaluation.evaluate(config, workdir, progress=False)
   # A failing check is flagged loudly in the Markdown.
   report['sanity_checks'][0]['passed'] = False
   report['sanity_checks_passed'] = False
-  from defendpp_jax import reporting
   assert 'SANITY CHECK FAILED' in reporting.markdown_table(report)
 
 
