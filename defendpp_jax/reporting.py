@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from typing import Any, Iterable
 
 import numpy as np
@@ -19,15 +20,25 @@ TABLE_COLUMNS = (('fgsm', 'FGSM'), ('bim', 'BIM'), ('pgd', 'PGD'), ('cw_l2', 'C&
 
 
 def progress(iterable: Iterable, total: int, desc: str, enabled: bool = True) -> Iterable:
-  """A tqdm progress bar on stderr when enabled and available, else the iterable itself."""
+  """Progress on stderr when enabled: a tqdm bar on a terminal, else one line per item done
+  (`desc i/total, elapsed`), so that a background run's log shows where it is."""
   if not enabled:
     return iterable
-  try:
-    from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    return iterable
-  return tqdm(iterable, total=total, desc=desc, leave=False, file=sys.stderr,
-              disable=not sys.stderr.isatty())
+  if sys.stderr.isatty():
+    try:
+      from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+      return tqdm(iterable, total=total, desc=desc, leave=False, file=sys.stderr)
+    except ImportError:
+      pass
+  return _progress_lines(iterable, total, desc)
+
+
+def _progress_lines(iterable: Iterable, total: int, desc: str) -> Iterable:
+  t0 = time.perf_counter()
+  for i, item in enumerate(iterable):
+    yield item
+    print(f'  {desc} {i + 1}/{total}, {time.perf_counter() - t0:.0f} s', file=sys.stderr,
+          flush=True)
 
 
 def _pct(x: float | None) -> str:

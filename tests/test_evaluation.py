@@ -107,3 +107,11 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
   config.eval.attacks = ('fgsm', 'deepfool')
   with pytest.raises(ValueError, match='deepfool'):
     evaluation.attack_specs(config, 'digits')
+
+
+def test_progress_without_a_terminal_prints_one_line_per_item(capsys):
+  assert list(reporting.progress(iter('abc'), 3, 'pgd')) == ['a', 'b', 'c']
+  lines = capsys.readouterr().err.splitlines()
+  assert [l.split(',')[0].strip() for l in lines] == ['pgd 1/3', 'pgd 2/3', 'pgd 3/3']
+  assert list(reporting.progress(iter('ab'), 2, 'pgd', enabled=False)) == ['a', 'b']
+  assert capsys.readouterr().err == ''
