@@ -374,9 +374,12 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, progress: bool = T
                         ds)
   # The model the report's rows are crafted on: the target itself (white-box), the classifier
   # behind a hidden reformer (grey-box) or another trained run (transfer).
-  crafter = {'white_box': None, 'transfer': source}.get(config.eval.threat_model)
   if config.eval.threat_model == 'grey_box':
-    crafter = classifier_of(target, ds)
+    crafter, crafted_on = classifier_of(target, ds), 'classifier'
+  elif config.eval.threat_model == 'transfer':
+    crafter, crafted_on = source, source.name
+  else:
+    crafter, crafted_on = None, 'target'
   results = {}
   for spec in specs:
     results[spec.key] = run_attack(spec, target, images, labels, config.eval.batch_size, key,
@@ -392,8 +395,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, progress: bool = T
       'model': target.name, 'workdir': os.path.abspath(workdir), 'step': target.step,
       'dataset': config.data.name, 'num_examples': seen,
       'threat_model': config.eval.threat_model,
-      'crafted_on': (source.name if config.eval.threat_model == 'transfer' else
-                     'classifier' if config.eval.threat_model == 'grey_box' else 'target'),
+      'crafted_on': crafted_on,
       'clean_accuracy': clean_acc, 'clean_correct': correct,
       'rows': [result_row(r, thresholds) for r in results.values()],
       'transfer': ({'source_workdir': os.path.abspath(config.eval.source_workdir),

@@ -308,8 +308,8 @@ def run_table(table: str, workdir: str, budget: str = 'cpu', data_dirs: dict[str
                            f'table{table}_{key}{suffix}')
     print(f'=== table {table}: row {row.label!r} -> {out_dir}', flush=True)
     report, out_dir = _evaluate(config, model_dir(workdir, dataset, budget, row.model), out_dir)
-    rows_by = {r['attack']: r for r in (report['transfer']['rows'] if row.source
-                                         else report['rows'])}
+    measured = report['transfer']['rows'] if row.source else report['rows']
+    rows_by = {r['attack']: r for r in measured}
     ours = {label: 100 * rows_by[k]['accuracy'] for k, label in COLUMNS if k in rows_by}
     ours['Clean'] = 100 * report['clean_accuracy']
     transfer = None
@@ -343,8 +343,7 @@ def run_table(table: str, workdir: str, budget: str = 'cpu', data_dirs: dict[str
         'train_step': report['step'],
         'eps_sweep': report.get('eps_sweep'),
         'transfer': transfer,
-        'settings': {r['attack']: reporting.settings_text(r) for r in
-                     (report['transfer']['rows'] if row.source else report['rows'])},
+        'settings': {r['attack']: reporting.settings_text(r) for r in measured},
     })
   result = {
       'table': table, 'dataset': dataset, 'budget': budget, 'strong': strong, 'seed': seed,
