@@ -12,7 +12,8 @@ forward, and torchattacks PGD when installed; see requirements-bench.txt). Time 
 the machine while this runs: the figures would be wrong. --ops also times each distinct
 convolution alone (forward, input gradient, weight gradient; records with "work": "conv_fwd" |
 "conv_dgrad" | "conv_wgrad", "ms" per call and "count" per pass), which shows how much of a
-training or attack step is convolution time.
+training or attack step is convolution time; --conv_forms adds the same convolutions in two
+other forms (NCHW layout; im2col + matmul), the alternatives docs/PERFORMANCE.md measures.
 """
 
 from __future__ import annotations
@@ -41,6 +42,9 @@ _DECODER = flags.DEFINE_string('decoder', 'none', 'Decoder for the training step
 _REPEATS = flags.DEFINE_integer('repeats', 7, 'Timed runs per measurement (median).')
 _JSON = flags.DEFINE_bool('json', False, 'One JSON object per line.')
 _COMPARE = flags.DEFINE_enum('compare', None, ['torch'], 'Also measure PyTorch eager.')
+_CONV_FORMS = flags.DEFINE_bool(
+    'conv_forms', False, 'With --ops: also time each convolution written as NCHW / OIHW '
+    '("framework": "jax-nchw") and as im2col + one matmul ("jax-im2col").')
 _OPS = flags.DEFINE_bool('ops', False, 'Also time every distinct convolution of the classifier '
                          'alone: forward, input gradient, weight gradient (where the time goes).')
 
@@ -242,6 +246,38 @@ def model_convs(arch: str, width: int, shape: tuple[int, int, int], batch: int
           for k, n in counts.items()]
 
 
+def conv_im2col(x: jax.Array, w: jax.Array, strides, padding) -> jax.Array:
+  """The NHWC / HWIO convolution as im2col + one matmul (explicit `padding` pairs)."""
+  kh, kw, c, o = w.shape
+  (sh, sw), ((pt, pb), (pl, pr)) = strides, padding
+  xp = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+  oh, ow = (xp.shape[1] - kh) // sh + 1, (xp.shape[2] - kw) // sw + 1
+  cols = jnp.concatenate([xp[:, i:i + sh * (oh - 1) + 1:sh, j:j + sw * (ow - 1) + 1:sw, :]
+                          for i in range(kh) for j in range(kw)], axis=-1)
+  return jnp.dot(cols.reshape(-1, kh * kw * c), w.reshape(kh * kw * c, o)).reshape(
+      x.shape[0], oh, ow, o)
+
+
+def _conv_forms(conv: dict, x: jax.Array, w: jax.Array) -> dict:
+  """framework label -> (f(x, w), x, w) for the convolution `conv` in each form timed."""
+  dn = ('NHWC', 'HWIO', 'NHWC')
+
+  def project(x, w):
+    return models.conv_general_dilated(x, w, conv['strides'], conv['padding'],
+                                       dimension_numbers=dn)
+
+  forms = {'jax': (project, x, w)}
+  if _CONV_FORMS.value:
+    def nchw(x, w):
+      return jax.lax.conv_general_dilated(x, w, conv['strides'], conv['padding'],
+                                          dimension_numbers=('NCHW', 'OIHW', 'NCHW'))
+
+    forms['jax-nchw'] = (nchw, jnp.transpose(x, (0, 3, 1, 2)), jnp.transpose(w, (3, 2, 0, 1)))
+    forms['jax-im2col'] = (lambda x, w: conv_im2col(x, w, conv['strides'], conv['padding']),
+                           x, w)
+  return forms
+
+
 def bench_convs(arch: str, width: int, shape: tuple[int, int, int], batch: int, repeats: int,
                 torch_too: bool) -> list[dict]:
   """Seconds per call of each distinct conv: forward, input gradient and weight gradient.
@@ -252,27 +288,23 @@ def bench_convs(arch: str, width: int, shape: tuple[int, int, int], batch: int, 
   (fwd + dgrad) is convolution time.
   """
   out = []
-  dn = ('NHWC', 'HWIO', 'NHWC')
   rng = np.random.default_rng(0)
   for conv, count in model_convs(arch, width, shape, batch):
     x = jnp.asarray(rng.normal(size=conv['x']), jnp.float32)
     w = jnp.asarray(rng.normal(size=conv['w']), jnp.float32)
-
-    def f(x, w, conv=conv):
-      return models.conv_general_dilated(x, w, conv['strides'], conv['padding'],
-                                         dimension_numbers=dn)
-
-    g = jnp.ones(jax.eval_shape(f, x, w).shape, jnp.float32)
-    fns = {'conv_fwd': jax.jit(f),
-           'conv_dgrad': jax.jit(lambda x, w, g, f=f: jax.vjp(lambda x_: f(x_, w), x)[1](g)[0]),
-           'conv_wgrad': jax.jit(lambda x, w, g, f=f: jax.vjp(lambda w_: f(x, w_), w)[1](g)[0])}
     base = {'arch': arch, 'width': width, 'input': 'x'.join(map(str, shape)), 'batch': batch,
             'conv_input': 'x'.join(map(str, conv['x'][1:])), 'kernel': 'x'.join(
                 map(str, conv['w'])), 'stride': conv['strides'][0], 'count': count}
-    for work, fn in fns.items():
-      args = (x, w) if work == 'conv_fwd' else (x, w, g)
-      c, t = _time(lambda fn=fn, args=args: fn(*args), repeats)
-      out.append({**base, 'framework': 'jax', 'work': work, 'ms': 1e3 * t, 'compile_s': c})
+    for framework, (f, fx, fw) in _conv_forms(conv, x, w).items():
+      g = jnp.ones(jax.eval_shape(f, fx, fw).shape, jnp.float32)
+      fns = {'conv_fwd': jax.jit(f),
+             'conv_dgrad': jax.jit(lambda x, w, g, f=f: jax.vjp(lambda x_: f(x_, w), x)[1](g)[0]),
+             'conv_wgrad': jax.jit(lambda x, w, g, f=f: jax.vjp(lambda w_: f(x, w_), w)[1](g)[0])}
+      for work, fn in fns.items():
+        args = (fx, fw) if work == 'conv_fwd' else (fx, fw, g)
+        c, t = _time(lambda fn=fn, args=args: fn(*args), repeats)
+        out.append({**base, 'framework': framework, 'work': work, 'ms': 1e3 * t,
+                    'compile_s': c})
     if torch_too:
       import torch  # pylint: disable=g-import-not-at-top
       tx = torch.from_numpy(np.asarray(x).transpose(0, 3, 1, 2).copy())

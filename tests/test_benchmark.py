@@ -14,3 +14,22 @@ def test_model_convs_counts_every_convolution():
   assert all(c['strides'] == (1, 1) and c['w'][:2] == (3, 3) for c, _ in convs)
   # Input shapes follow the network: the stem sees the image itself.
   assert any(c['x'] == (2, 32, 32, 3) for c, _ in convs)
+
+
+def test_conv_im2col_equals_the_convolution():
+  # The im2col form --conv_forms times must compute the same convolution, for every stride and
+  # padding the classifiers use (3x3 SAME stride 1 / 2, 1x1 stride-2 projection, asymmetric).
+  import jax
+  import numpy as np
+  rng = np.random.default_rng(0)
+  for kernel, strides, padding in (((3, 3), (1, 1), ((1, 1), (1, 1))),
+                                   ((3, 3), (2, 2), ((0, 1), (0, 1))),
+                                   ((1, 1), (2, 2), ((0, 0), (0, 0))),
+                                   ((3, 3), (2, 2), ((1, 1), (1, 1)))):
+    x = rng.normal(size=(2, 9, 8, 3)).astype(np.float32)
+    w = rng.normal(size=(*kernel, 3, 5)).astype(np.float32)
+    want = jax.lax.conv_general_dilated(x, w, strides, padding,
+                                        dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    got = benchmark.conv_im2col(x, w, strides, padding)
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
