@@ -22,6 +22,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.model.decoder = 'pyramid'    # pyramid | hourglass | hourglass_sc | hourglass_sa | none
   config.model.num_levels = 0         # pyramid levels M; 0 = all with the coarsest >= 7x7
   config.model.stem = 'auto'          # auto (CIFAR-style 3x3 for <= 32 px) | cifar | imagenet
+  # Convolution kernels: auto (oneDNN on a single CPU device when available, else XLA) | xla |
+  # onednn. Equal to float tolerance; oneDNN's are 2-5x faster on CPU (docs/PERFORMANCE.md).
+  config.model.conv = 'auto'
 
   config.loss = ml_collections.ConfigDict()
   config.loss.targets = 'dct'         # dct (MS-LP) | linear (MS-LI ablation)
@@ -46,6 +49,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.train.alternating.cls_epochs = 1
   config.train.alternating.cycles = 2
   config.train.noise_std = 0.0        # > 0: Gaussian noise on the AE code ("ours + GN")
+  # A finished run (workdir) whose classifier initialises this run's classifier and AE-owned
+  # encoder copies (a fresh start only; a checkpoint in --workdir wins). '' = random init.
+  # The authors' Defend++ scripts start joint training from a trained classifier this way.
+  config.train.init_from = ''
   config.train.adversarial = 'none'   # none | fgsm (Goodfellow) | pgd (Madry) | ddn (Rony)
   config.train.adv_eps = 0.0          # L-inf eps of fgsm / pgd; 0 = 0.2 MNIST, 0.05 CIFAR-10
   config.train.adv_steps = 10         # steps of pgd / ddn crafting

@@ -74,6 +74,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _choice(config, 'data.name', data_lib.DATASETS)
   _choice(config, 'model.arch', models.ARCHS)
   _choice(config, 'model.decoder', models.DECODERS)
+  _choice(config, 'model.conv', models.CONV_BACKENDS)
   _choice(config, 'loss.targets', frequency.TARGET_KINDS)
   _choice(config, 'train.schedule', SCHEDULES)
   _choice(config, 'train.adversarial', ADVERSARIAL)
@@ -154,6 +155,41 @@ def init_state(model: models.DefendPP, tx: optax.GradientTransformation, key: ja
       stats[name] = stats['classifier'][block]
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=stats,
                     opt_state=tx.init(params))
+
+
+def warm_start(state: TrainState, config: ml_collections.ConfigDict, ds: data_lib.Dataset,
+               tx: optax.GradientTransformation) -> TrainState:
+  """`state` with the classifier of the finished run `config.train.init_from`.
+
+  The classifier's parameters and BatchNorm statistics are copied, and so are the AE-owned
+  encoder blocks (which start as copies of the classifier's, as in `init_state`); the decoder
+  keeps its fresh initialisation and the optimizer state starts anew. The source must be the
+  same classifier: same dataset, architecture, width and stem.
+  """
+  from defendpp_jax import evaluation  # pylint: disable=g-import-not-at-top
+  src_dir = config.train.init_from
+  if config.defense.name != 'none':
+    raise ValueError(f'config.train.init_from initialises a classifier; a '
+                     f'config.defense.name={config.defense.name!r} run trains a reformer')
+  src_config = evaluation.config_of_run(src_dir)
+  for path in ('data.name', 'model.arch', 'model.width', 'model.stem'):
+    section, field = path.split('.')
+    mine, theirs = config[section][field], src_config[section][field]
+    if mine != theirs:
+      raise ValueError(f'config.train.init_from={src_dir!r} was trained with config.{path}='
+                       f'{theirs!r}, this run has {mine!r}: the classifiers differ')
+  if src_config.defense.name != 'none':
+    raise ValueError(f'config.train.init_from={src_dir!r} is a {src_config.defense.name} '
+                     'reformer run, not a classifier run')
+  src = evaluation.load_model(src_config, src_dir, ds).variables
+  params, stats = dict(state.params), dict(state.batch_stats)
+  params['classifier'] = src['params']['classifier']
+  stats['classifier'] = src['batch_stats']['classifier']
+  for name in params:
+    if name.startswith('ae_E'):
+      params[name] = params['classifier'][name[len('ae_'):]]
+      stats[name] = stats['classifier'][name[len('ae_'):]]
+  return state.replace(params=params, batch_stats=stats, opt_state=tx.init(params))
 
 
 def init_reformer_state(model: defenses.ComDefend, tx: optax.GradientTransformation,
@@ -444,6 +480,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if restored is not None:
     state = restored
     _log(f'resumed from step {int(state.step)} ({ckpt.directory})')
+  elif config.train.init_from:
+    state = warm_start(state, config, ds, setup.tx)
+    _log(f'classifier initialised from {config.train.init_from}')
   start = int(state.step)
 
   step_fn = jit_train_step(setup.step, mesh)
@@ -517,6 +556,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   summary = {'step': final_step, 'param_l2': param_l2(state.params),
              'params_sha256': params_sha256(state.params), 'model': run_name(config),
+             'conv_backend': models.resolve_conv_backend(config.model.conv),
              'num_devices': jax.device_count(), 'config': config.to_dict()}
   if config.defense.name == 'none':
     logits_apply, variables = models.classify_apply(model), state.variables

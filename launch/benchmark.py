@@ -1,12 +1,14 @@
 """Throughput of the jitted paths: forward, training step, one attack step and a whole PGD-k.
 
   python -m launch.benchmark [--arch=resnet18 --width=16,64 --input=28x28x1,32x32x3 \
-      --batch=128 --steps=10,100 --decoder=none --json] [--compare=torch]
+      --batch=128 --steps=10,100 --decoder=none --conv=auto --json] [--compare=torch]
 
 Prints images per second (median of --repeats timed runs after one compiling run) and the compile
 time separately. With --json, one JSON object per line:
   {"work": "forward"|"train_step"|"attack_step"|"pgd", "arch", "width", "input", "batch",
-   "steps" (pgd only), "img_per_s", "compile_s", "framework"}
+   "steps" (pgd only), "img_per_s", "compile_s", "framework", "conv" (JAX: the kernels the
+   convolutions ran on, xla | onednn)}
+--conv=xla,onednn measures the JAX model once per convolution backend (config.model.conv).
 --compare=torch also runs the identical CIFAR-style architecture in PyTorch eager (training step,
 forward, and torchattacks PGD when installed; see requirements-bench.txt). Time nothing else on
 the machine while this runs: the figures would be wrong. --ops also times each distinct
@@ -31,6 +33,7 @@ import numpy as np
 
 from defendpp_jax import attacks
 from defendpp_jax import models
+from defendpp_jax import onednn
 from defendpp_jax import training
 
 _ARCH = flags.DEFINE_string('arch', 'resnet18', 'Architecture.')
@@ -45,6 +48,8 @@ _COMPARE = flags.DEFINE_enum('compare', None, ['torch'], 'Also measure PyTorch e
 _CONV_FORMS = flags.DEFINE_bool(
     'conv_forms', False, 'With --ops: also time each convolution written as NCHW / OIHW '
     '("framework": "jax-nchw") and as im2col + one matmul ("jax-im2col").')
+_CONV = flags.DEFINE_list('conv', ['auto'], 'Convolution kernels of the JAX model, one '
+                          'measurement each: auto | xla | onednn (config.model.conv).')
 _OPS = flags.DEFINE_bool('ops', False, 'Also time every distinct convolution of the classifier '
                          'alone: forward, input gradient, weight gradient (where the time goes).')
 
@@ -79,16 +84,17 @@ def _emit(record: dict) -> None:
     print(json.dumps(record), flush=True)
   else:
     extra = f' k={record["steps"]}' if 'steps' in record else ''
-    print(f'{record["framework"]:5s} {record["work"]:11s}{extra:6s} {record["arch"]} '
+    fw = record['framework'] + (f'/{record["conv"]}' if 'conv' in record else '')
+    print(f'{fw:10s} {record["work"]:11s}{extra:6s} {record["arch"]} '
           f'w{record["width"]} {record["input"]} batch {record["batch"]}: '
           f'{record["img_per_s"]:9.1f} img/s (compile {record["compile_s"]:.1f} s)', flush=True)
 
 
 def bench_jax(arch: str, width: int, shape: tuple[int, int, int], batch: int,
-              steps: list[int], decoder: str, repeats: int) -> list[dict]:
+              steps: list[int], decoder: str, repeats: int, conv: str = 'auto') -> list[dict]:
   cfg = ml_collections.ConfigDict({
       'model': {'arch': arch, 'width': width, 'shared_blocks': 4 if arch != 'vgg16' else 2,
-                'decoder': decoder, 'num_levels': 0, 'stem': 'auto'},
+                'decoder': decoder, 'num_levels': 0, 'stem': 'auto', 'conv': conv},
       'train': {'learning_rate': 0.01, 'lr_decay_epochs': (), 'lr_decay_factor': 0.1,
                 'momentum': 0.9, 'weight_decay': 5e-4}})
   model = models.build_model(cfg.model, 10, shape)
@@ -101,7 +107,7 @@ def bench_jax(arch: str, width: int, shape: tuple[int, int, int], batch: int,
   state = jax.jit(functools.partial(training.init_state, model, tx))(jax.random.key(0))
   variables = state.variables
   base = {'arch': arch, 'width': width, 'input': 'x'.join(map(str, shape)), 'batch': batch,
-          'framework': 'jax'}
+          'framework': 'jax', 'conv': models.resolve_conv_backend(conv)}
   out = []
 
   forward = jax.jit(lambda v, x: model.apply(v, x, method='classify'))
@@ -267,6 +273,12 @@ def _conv_forms(conv: dict, x: jax.Array, w: jax.Array) -> dict:
                                        dimension_numbers=dn)
 
   forms = {'jax': (project, x, w)}
+  if 'onednn' in _CONV.value or 'auto' in _CONV.value and onednn.available()[0]:
+    def fast(x, w):
+      with models.conv_backend('onednn'):
+        return project(x, w)
+
+    forms['jax-onednn'] = (fast, x, w)
   if _CONV_FORMS.value:
     def nchw(x, w):
       return jax.lax.conv_general_dilated(x, w, conv['strides'], conv['padding'],
@@ -347,8 +359,8 @@ def main(argv):
   for shape_s in _INPUT.value:
     shape = tuple(int(v) for v in shape_s.split('x'))
     for width in (int(w) for w in _WIDTH.value):
-      records = bench_jax(_ARCH.value, width, shape, _BATCH.value, steps, _DECODER.value,
-                          _REPEATS.value)
+      records = [r for conv in _CONV.value for r in bench_jax(
+          _ARCH.value, width, shape, _BATCH.value, steps, _DECODER.value, _REPEATS.value, conv)]
       if _COMPARE.value == 'torch':
         records += bench_torch(width, shape, _BATCH.value, steps, _REPEATS.value)
       for r in records:
@@ -357,11 +369,17 @@ def main(argv):
         _emit_convs(bench_convs(_ARCH.value, width, shape, _BATCH.value, _REPEATS.value,
                                 _COMPARE.value == 'torch'))
       if not _JSON.value:
-        by = {(r['framework'], r['work'], r.get('steps')): r['img_per_s'] for r in records}
-        a = by[('jax', 'attack_step', None)]
-        print(f'      ratios: attack_step / train_step = {a / by[("jax", "train_step", None)]:.2f}'
-              + ''.join(f'; PGD-{k} x {k} / attack_step = {by[("jax", "pgd", k)] * k / a:.2f}'
-                        for k in steps), flush=True)
+        by = {(r['framework'], r.get('conv'), r['work'], r.get('steps')): r['img_per_s']
+              for r in records}
+        for conv in sorted({r['conv'] for r in records if r['framework'] == 'jax'}):
+          a = by[('jax', conv, 'attack_step', None)]
+          print(f'      jax/{conv} ratios: attack_step / train_step = '
+                f'{a / by[("jax", conv, "train_step", None)]:.2f}' + ''.join(
+                    f'; PGD-{k} x {k} / attack_step = {by[("jax", conv, "pgd", k)] * k / a:.2f}'
+                    for k in steps) + ''.join(
+                        f'; {w} / torch = {by[("jax", conv, w, None)] / by[("torch", None, w, None)]:.2f}'
+                        for w in ('train_step', 'forward') if ('torch', None, w, None) in by),
+                flush=True)
 
 
 if __name__ == '__main__':

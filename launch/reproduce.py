@@ -11,6 +11,8 @@ between tables (same WORKDIR): Table 1 reuses Table 2's "ours". Results go to
 RESULTS_DIR/table<N>[_strong].json and .md.
 """
 
+import sys
+
 from absl import app
 from absl import flags
 from absl import logging
@@ -31,9 +33,13 @@ flags.mark_flags_as_required(['table', 'workdir'])
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
-  reproduce.run_table(_TABLE.value, _WORKDIR.value, _BUDGET.value,
-                      {'mnist': _MNIST.value, 'cifar10': _CIFAR.value}, strong=_STRONG.value,
-                      results_dir=_RESULTS.value, seed=_SEED.value)
+  try:
+    reproduce.run_table(_TABLE.value, _WORKDIR.value, _BUDGET.value,
+                        {'mnist': _MNIST.value, 'cifar10': _CIFAR.value}, strong=_STRONG.value,
+                        results_dir=_RESULTS.value, seed=_SEED.value)
+  except reproduce.Preempted as e:
+    print(f'stopped: {e}', flush=True)
+    sys.exit(143)  # the conventional status of a process ended by SIGTERM
 
 
 if __name__ == '__main__':

@@ -54,3 +54,33 @@ def test_unknown_table_and_budget_are_clear_errors():
     reproduce.table_spec('4')
   with pytest.raises(ValueError, match='--budget'):
     reproduce.model_config('mnist', 'ours', 'huge', '/tmp/x', '')
+
+
+def test_saved_configs_without_later_fields_still_match():
+  # A model trained before a config field existed behaved as that field's default: it is
+  # reused; a saved config that differs in any value is not.
+  config = reproduce.model_config('mnist', 'ours', 'cpu', '/tmp/r', '')
+  saved = reproduce._as_json(config)
+  assert reproduce._same_config(saved, config)
+  del saved['train']['init_from']          # default '' -> still the same run
+  assert reproduce._same_config(saved, config)
+  config.train.init_from = '/elsewhere'    # not the default -> a different run
+  assert not reproduce._same_config(saved, config)
+  config.train.init_from = ''
+  saved['train']['num_epochs'] = 2
+  assert not reproduce._same_config(saved, config)
+
+
+def test_a_preempted_training_stops_the_table(tmp_path, monkeypatch):
+  # SIGTERM during one model's training (the trainer saves and returns 'preempted'): the table
+  # run stops there instead of going on to train the next model.
+  trained = []
+
+  def fake_train(config, workdir):
+    trained.append(workdir)
+    return {'step': 3, 'preempted': True}
+
+  monkeypatch.setattr(reproduce.training, 'train_and_evaluate', fake_train)
+  with pytest.raises(reproduce.Preempted, match='step 3'):
+    reproduce.run_table('2', str(tmp_path), 'smoke', {'mnist': ''})
+  assert len(trained) == 1

@@ -191,3 +191,39 @@ def test_adversarial_training_uses_adversarial_inputs(adversarial):
       full_scale_weight=1.0))
   _, clean_metrics = clean_step(state, x, y, jnp.ones(2), jax.random.key(0))
   np.testing.assert_allclose(float(clean_metrics['ce']), float(metrics['clean_ce']), rtol=1e-5)
+
+
+def test_init_from_starts_from_a_trained_classifier(tmp_path):
+  from defendpp_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+  from defendpp_jax import evaluation  # pylint: disable=g-import-not-at-top
+  plain = quickstart.get_config('smoke')
+  plain.model.decoder = 'none'
+  src_dir = str(tmp_path / 'plain')
+  src = training.train_and_evaluate(plain, src_dir)
+
+  config = quickstart.get_config('smoke')
+  config.model.shared_blocks = 2  # so that the AE owns copies of blocks E_2, E_3
+  config.train.init_from = src_dir
+  ds = data_lib.load_dataset(config.data.name, None, config.data.train_limit,
+                             config.data.test_limit)
+  setup = training.make_setup(config, ds, 4)
+  state = jax.jit(setup.init)(jax.random.key(1))
+  warm = training.warm_start(state, config, ds, setup.tx)
+  want = evaluation.load_model(evaluation.config_of_run(src_dir), src_dir, ds).variables
+  chex.assert_trees_all_equal(warm.params['classifier'], want['params']['classifier'])
+  chex.assert_trees_all_equal(warm.batch_stats['classifier'], want['batch_stats']['classifier'])
+  owned = [n for n in warm.params if n.startswith('ae_E')]
+  assert owned  # the AE-owned encoder copies start as the trained classifier's blocks
+  for name in owned:
+    chex.assert_trees_all_equal(warm.params[name], want['params']['classifier'][name[3:]])
+  for name in warm.params:  # the decoder keeps its own fresh initialisation
+    if name != 'classifier' and not name.startswith('ae_E'):
+      chex.assert_trees_all_equal(warm.params[name], state.params[name])
+  # Through the trainer: before any step the run classifies exactly as its source does.
+  config.train.num_epochs = 0
+  got = training.train_and_evaluate(config, str(tmp_path / 'ours'))
+  assert got['correct'] == src['correct'] and got['seen'] == src['seen']
+  # A different classifier is refused, naming the field.
+  config.model.width = 8
+  with pytest.raises(ValueError, match=r'config\.model\.width'):
+    training.warm_start(state, config, ds, setup.tx)

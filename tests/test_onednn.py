@@ -1,0 +1,105 @@
+"""oneDNN convolutions (FFI): same values and gradients as XLA's, routed where the model asks."""
+
+import platform
+
+import chex
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from defendpp_jax import models
+from defendpp_jax import onednn
+
+if not (platform.system() == 'Linux' and platform.machine() == 'x86_64'):
+  pytest.skip('the oneDNN pip packages exist for Linux x86-64 only', allow_module_level=True)
+
+DN = ('NHWC', 'HWIO', 'NHWC')
+
+
+def test_library_builds_here():
+  ok, why = onednn.available()
+  assert ok, why
+
+
+@pytest.mark.parametrize('shape,kernel,strides,padding', [
+    ((2, 9, 8, 1), (3, 3, 1, 4), (1, 1), 'SAME'),            # 1-channel stem
+    ((2, 8, 8, 3), (3, 3, 3, 5), (1, 1), ((1, 1), (1, 1))),
+    ((2, 9, 9, 4), (3, 3, 4, 6), (2, 2), 'SAME'),            # odd size, stride 2
+    ((2, 8, 8, 4), (1, 1, 4, 6), (2, 2), 'VALID'),           # 1x1 projection
+    ((2, 16, 16, 3), (7, 7, 3, 4), (2, 2), ((3, 2), (2, 3))),  # asymmetric explicit padding
+])
+def test_values_and_gradients_match_xla(shape, kernel, strides, padding):
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=shape), jnp.float32)
+  w = jnp.asarray(rng.normal(size=kernel), jnp.float32)
+
+  def conv(backend):
+    def f(x, w):
+      with models.conv_backend(backend):
+        return models.conv_general_dilated(x, w, strides, padding, dimension_numbers=DN)
+    return f
+
+  want = jax.lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=DN)
+  got = jax.jit(conv('onednn'))(x, w)
+  assert got.shape == want.shape
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+  g = jnp.asarray(rng.normal(size=want.shape), jnp.float32)
+  _, vjp_ref = jax.vjp(lambda x, w: jax.lax.conv_general_dilated(
+      x, w, strides, padding, dimension_numbers=DN), x, w)
+  _, vjp = jax.vjp(conv('onednn'), x, w)
+  for a, b in zip(vjp(g), vjp_ref(g)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-3)
+  # The oneDNN path really ran: the compiled function calls the FFI targets.
+  assert 'DppConvFwd' in jax.jit(conv('onednn')).lower(x, w).as_text()
+  hlo = jax.jit(jax.grad(lambda x, w: jnp.sum(conv('onednn')(x, w) * g), (0, 1))).lower(
+      x, w).as_text()
+  assert 'DppConvBwdData' in hlo and 'DppConvBwdWeights' in hlo
+
+
+def _model(conv):
+  cfg = ml_collections.ConfigDict({'arch': 'resnet18', 'width': 4, 'shared_blocks': 2,
+                                   'decoder': 'pyramid', 'num_levels': 0, 'stem': 'auto',
+                                   'conv': conv})
+  return models.build_model(cfg, 10, (28, 28, 1))
+
+
+def test_model_logits_input_gradient_and_training_loss_match():
+  x = jax.random.uniform(jax.random.key(1), (4, 28, 28, 1))
+  y = jnp.arange(4) % 10
+  ref, fast = _model('xla'), _model('onednn')
+  variables = ref.init(jax.random.key(0), x)
+  chex.assert_trees_all_equal_shapes(variables, fast.init(jax.random.key(0), x))
+
+  def input_grad(model):  # what an attack computes, inside a while loop as the attacks run it
+    def loss(x):
+      logits = model.apply(variables, x, method='classify')
+      return -jnp.sum(jax.nn.log_softmax(logits)[jnp.arange(4), y])
+    return jax.jit(lambda x: jax.lax.fori_loop(0, 2, lambda i, v: v + jax.grad(loss)(x), 0 * x))
+
+  np.testing.assert_allclose(jax.jit(fast.apply, static_argnames='method')(
+      variables, x, method='classify'), ref.apply(variables, x, method='classify'),
+                             rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(input_grad(fast)(x), input_grad(ref)(x), rtol=1e-3, atol=1e-5)
+
+  def param_grad(model):  # the training step's weight gradients, BatchNorm in train mode
+    def loss(params):
+      (logits, recs), _ = model.apply({**variables, 'params': params}, x, train=True,
+                                      mutable=['batch_stats'])
+      return jnp.mean(logits ** 2) + sum(jnp.mean(r ** 2) for r in recs)
+    return jax.jit(jax.grad(loss))(variables['params'])
+
+  chex.assert_trees_all_close(param_grad(fast), param_grad(ref), rtol=1e-3, atol=1e-5)
+  assert 'DppConvBwdWeights' in jax.jit(jax.grad(lambda p: jnp.sum(fast.apply(
+      {**variables, 'params': p}, x, method='classify')))).lower(variables['params']).as_text()
+
+
+def test_backend_choice(monkeypatch):
+  assert models.resolve_conv_backend('xla') == 'xla'
+  with pytest.raises(ValueError, match=r'config\.model\.conv'):
+    models.resolve_conv_backend('mkl')
+  monkeypatch.setattr(onednn, 'available', lambda: (False, 'no library here'))
+  assert models.resolve_conv_backend('auto') == 'xla'  # falls back silently
+  with pytest.raises(ValueError, match=r'config\.model\.conv=onednn.*no library here'):
+    models.resolve_conv_backend('onednn')  # asked for explicitly: a clear error
