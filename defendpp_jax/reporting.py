@@ -52,13 +52,17 @@ def _steps(row: dict[str, Any]) -> str:
   return f'{row["steps"]} step{"s" if row["steps"] != 1 else ""}'
 
 
-def settings_text(row: dict[str, Any]) -> str:
+def settings_text(row: dict[str, Any], results: bool = True) -> str:
+  """An attack's settings; `results` adds a minimal-norm attack's median L2 / accuracy at L2."""
   if row['eps'] is not None:
     s = f'{row["norm"]} eps={row["eps"]:g}, {_steps(row)}'
     if row.get('restarts', 1) > 1:
       s += f' x {row["restarts"]} restarts'
     return s
-  s = f'{row["norm"]} minimal-norm, {_steps(row)}; median L2 '
+  s = f'{row["norm"]} minimal-norm, {_steps(row)}'
+  if not results:
+    return s
+  s += '; median L2 '
   s += '-' if row.get('median_l2') is None else f'{row["median_l2"]:.3f}'
   at = ', '.join(f'{_pct(v)}% @ {t}' for t, v in row.get('accuracy_at', {}).items())
   return f'{s}; accuracy at L2 <= t: {at}'

@@ -52,7 +52,8 @@ CPU_BUDGET = {
     # Adversarial training crafts with 5 steps (PGD / DDN).
     'train.adv_steps': 5,
     # ComDefend's reformer at 1/8 of its published width (16-...-256 -> 2-...-32 channels),
-    # trained as long as the classifiers; Adam at 1e-3 (its authors' 1e-2 stalls the narrow net; see the tests).
+    # trained as long as the classifiers; Adam at 1e-3 (its authors' 1e-2 stalls the narrow
+    # net; see the tests).
     'defense.width': 2,
     'defense.learning_rate': 1e-3,
     # Figures: the accuracy-vs-eps sweep on 200 images with PGD-20.
@@ -376,7 +377,8 @@ def run_table(table: str, workdir: str, budget: str = 'cpu', data_dirs: dict[str
         'train_step': report['step'],
         'eps_sweep': report.get('eps_sweep'),
         'transfer': transfer,
-        'settings': {r['attack']: reporting.settings_text(r) for r in measured},
+        'settings': {r['attack']: reporting.settings_text(r, results=False)
+                     for r in measured},
     })
   result = {
       'table': table, 'dataset': dataset, 'budget': budget, 'strong': strong, 'seed': seed,

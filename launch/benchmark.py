@@ -372,14 +372,15 @@ def main(argv):
         by = {(r['framework'], r.get('conv'), r['work'], r.get('steps')): r['img_per_s']
               for r in records}
         for conv in sorted({r['conv'] for r in records if r['framework'] == 'jax'}):
-          a = by[('jax', conv, 'attack_step', None)]
-          print(f'      jax/{conv} ratios: attack_step / train_step = '
-                f'{a / by[("jax", conv, "train_step", None)]:.2f}' + ''.join(
-                    f'; PGD-{k} x {k} / attack_step = {by[("jax", conv, "pgd", k)] * k / a:.2f}'
-                    for k in steps) + ''.join(
-                        f'; {w} / torch = {by[("jax", conv, w, None)] / by[("torch", None, w, None)]:.2f}'
-                        for w in ('train_step', 'forward') if ('torch', None, w, None) in by),
-                flush=True)
+          jax_by = {(w, k): v for (f, c, w, k), v in by.items() if f == 'jax' and c == conv}
+          torch_by = {(w, k): v for (f, _, w, k), v in by.items() if f == 'torch'}
+          a = jax_by[('attack_step', None)]
+          text = [f'attack_step / train_step = {a / jax_by[("train_step", None)]:.2f}']
+          text += [f'PGD-{k} x {k} / attack_step = {jax_by[("pgd", k)] * k / a:.2f}'
+                   for k in steps]
+          text += [f'{w}{"-" + str(k) if k else ""} / torch = {v / torch_by[(w, k)]:.2f}'
+                   for (w, k), v in jax_by.items() if (w, k) in torch_by]
+          print(f'      jax/{conv} ratios: ' + '; '.join(text), flush=True)
 
 
 if __name__ == '__main__':

@@ -1,4 +1,5 @@
-"""The reproduction pipeline on a seconds-long budget: models shared, rows complete, reruns equal."""
+"""The reproduction pipeline on a seconds-long budget: models shared, rows complete, reruns
+equal."""
 
 import json
 import os
