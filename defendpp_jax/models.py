@@ -35,6 +35,8 @@ STEMS = ('auto', 'cifar', 'imagenet')
 # call (defendpp_jax.onednn; 2-5x faster on CPU, equal to float tolerance), or 'auto' = oneDNN
 # on a single CPU device when its library is available, else XLA.
 CONV_BACKENDS = ('auto', 'xla', 'onednn')
+# The backend of a config saved before `model.conv` existed: every such run used XLA's kernels.
+CONV_BEFORE_FIELD = 'xla'
 _CONV = contextvars.ContextVar('defendpp_conv_backend', default='xla')
 
 Features = list[tuple[str, jax.Array]]
@@ -538,7 +540,7 @@ def build_model(model_config: Any, num_classes: int, image_shape: Sequence[int],
       width=model_config.width, shared_blocks=model_config.shared_blocks,
       decoder=model_config.decoder, num_levels=model_config.get('num_levels', 0),
       noise_std=noise_std, stem=model_config.get('stem', 'auto'), mean=tuple(mean), std=tuple(std),
-      conv=model_config.get('conv', 'xla'))  # no field: a run from before it (XLA)
+      conv=model_config.get('conv', CONV_BEFORE_FIELD))
 
 
 def classifier_logits_fn(model: DefendPP, variables: Any) -> Callable[[jax.Array], jax.Array]:

@@ -23,6 +23,7 @@ from configs import base
 from configs import cifar10 as cifar10_config
 from configs import mnist as mnist_config
 from defendpp_jax import evaluation
+from defendpp_jax import models
 from defendpp_jax import reporting
 from defendpp_jax import training
 
@@ -264,7 +265,7 @@ def _same_config(saved: dict[str, Any], config: ml_collections.ConfigDict) -> bo
     return out
 
   defaults = _as_json(base.get_base_config())
-  defaults['model']['conv'] = 'xla'  # every run before the field existed used XLA's kernels
+  defaults['model']['conv'] = models.CONV_BEFORE_FIELD
   return fill(saved, defaults) == _as_json(config)
 
 

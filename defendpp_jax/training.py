@@ -146,15 +146,20 @@ def init_state(model: models.DefendPP, tx: optax.GradientTransformation, key: ja
   """Initial parameters; AE-owned encoder blocks start as copies of the classifier's."""
   variables = model.init({'params': key, 'noise': key},
                          jnp.zeros((batch_size, *model.image_shape), jnp.float32))
-  params = dict(variables['params'])
-  stats = dict(variables.get('batch_stats', {}))
-  for name in list(params):
+  params, stats = _copy_shared_into_ae(variables['params'], variables.get('batch_stats', {}))
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=stats,
+                    opt_state=tx.init(params))
+
+
+def _copy_shared_into_ae(params, stats) -> tuple[dict, dict]:
+  """(params, stats) with every AE-owned encoder block `ae_E{k}` set to the classifier's E_k."""
+  params, stats = dict(params), dict(stats)
+  for name in params:
     if name.startswith('ae_E'):
       block = name[len('ae_'):]
       params[name] = params['classifier'][block]
       stats[name] = stats['classifier'][block]
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=stats,
-                    opt_state=tx.init(params))
+  return params, stats
 
 
 def warm_start(state: TrainState, config: ml_collections.ConfigDict, ds: data_lib.Dataset,
@@ -182,13 +187,9 @@ def warm_start(state: TrainState, config: ml_collections.ConfigDict, ds: data_li
     raise ValueError(f'config.train.init_from={src_dir!r} is a {src_config.defense.name} '
                      'reformer run, not a classifier run')
   src = evaluation.load_model(src_config, src_dir, ds).variables
-  params, stats = dict(state.params), dict(state.batch_stats)
-  params['classifier'] = src['params']['classifier']
-  stats['classifier'] = src['batch_stats']['classifier']
-  for name in params:
-    if name.startswith('ae_E'):
-      params[name] = params['classifier'][name[len('ae_'):]]
-      stats[name] = stats['classifier'][name[len('ae_'):]]
+  params, stats = _copy_shared_into_ae(
+      {**state.params, 'classifier': src['params']['classifier']},
+      {**state.batch_stats, 'classifier': src['batch_stats']['classifier']})
   return state.replace(params=params, batch_stats=stats, opt_state=tx.init(params))
 
 
