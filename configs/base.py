@@ -24,9 +24,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.model.stem = 'auto'          # auto (CIFAR-style 3x3 for <= 32 px) | cifar | imagenet
   # Convolution kernels: auto (oneDNN on a single CPU device when available, else XLA) | xla |
   # onednn. Equal to float tolerance; oneDNN's are 2-5x faster on CPU (docs/PERFORMANCE.md).
-  # Default xla until an intermittent deadlock of the oneDNN path (seen once in the test suite)
-  # is fixed; opt in with --config.model.conv=auto or onednn.
-  config.model.conv = 'xla'
+  config.model.conv = 'auto'
 
   config.loss = ml_collections.ConfigDict()
   config.loss.targets = 'dct'         # dct (MS-LP) | linear (MS-LI ablation)

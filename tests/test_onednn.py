@@ -103,3 +103,51 @@ def test_backend_choice(monkeypatch):
   assert models.resolve_conv_backend('auto') == 'xla'  # falls back silently
   with pytest.raises(ValueError, match=r'config\.model\.conv=onednn.*no library here'):
     models.resolve_conv_backend('onednn')  # asked for explicitly: a clear error
+
+
+def test_independent_convolutions_in_one_program_are_right_and_do_not_hang():
+  """XLA runs independent FFI calls concurrently: oneDNN kernels executed from two threads at
+  once hung or returned wrong values (a short training run's weights blew up) until serialised."""
+  import os
+  import subprocess
+  import sys
+  import textwrap
+  code = textwrap.dedent("""
+      import jax, jax.numpy as jnp, numpy as np
+      from defendpp_jax import onednn
+      pad = ((1, 1), (1, 1))
+      def f(xs, ws, fast):
+        outs = []
+        for x, w in zip(xs, ws):
+          if fast:
+            y = onednn.conv_fwd(x, w, (1, 1), pad)
+            dx = onednn.conv_bwd_data(y, w, x.shape, (1, 1), pad)
+            dw = onednn.conv_bwd_weights(x, y, w.shape, (1, 1), pad)
+          else:
+            conv = lambda x, w: jax.lax.conv_general_dilated(
+                x, w, (1, 1), pad, dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+            y, vjp = jax.vjp(conv, x, w)
+            dx, dw = vjp(y)
+          outs += [y, dx, dw]
+        return outs
+      k = jax.random.split(jax.random.key(0), 16)
+      xs = [jax.random.normal(k[i], (16, 16, 16, 8)) for i in range(8)]
+      ws = [jax.random.normal(k[8 + i], (3, 3, 8, 8)) for i in range(8)]
+      want = jax.jit(f, static_argnums=2)(xs, ws, False)
+      fast = jax.jit(f, static_argnums=2)
+      worst = 0.
+      for _ in range(100):
+        got = fast(xs, ws, True)
+        worst = max(worst, max(float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
+                               for a, b in zip(got, want)))
+      print(worst)
+      """)
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, PYTHONPATH=root)
+  try:
+    out = subprocess.run([sys.executable, '-c', code], cwd=root, env=env, capture_output=True,
+                         text=True, timeout=240)
+  except subprocess.TimeoutExpired:
+    pytest.fail('a jitted program with independent oneDNN convolutions hung (4 min)')
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert float(out.stdout.split()[-1]) < 1e-4  # relative to each output's largest entry

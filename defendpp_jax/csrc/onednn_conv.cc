@@ -41,6 +41,16 @@ struct Prims {
   dnnl::convolution_backward_weights bwd_w;
 };
 
+// XLA:CPU runs independent operations of one program concurrently on its thread pool. oneDNN's
+// OpenMP kernels must not be executed from two threads at once: each caller becomes the master
+// of its own OpenMP team and a kernel's barrier can then wait forever for a worker that never
+// joins (a jitted function with independent convolutions hung on its first call). Every
+// handler holds this lock while it runs; the kernels already use every core through OpenMP.
+std::mutex& ExecMutex() {
+  static std::mutex mu;
+  return mu;
+}
+
 Prims& Get(const Geometry& g) {
   static std::mutex mu;
   static std::map<decltype(g.key()), std::unique_ptr<Prims>> cache;
@@ -89,6 +99,7 @@ ffi::Error ConvFwdImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
   auto yd = y->dimensions();
   Geometry g = Geom(x, wd[0], wd[1], wd[3], yd[1], yd[2], sh, sw, pt, pb, pl, pr);
   try {
+    std::lock_guard<std::mutex> exec(ExecMutex());
     Prims& p = Get(g);
     dnnl::stream s(Engine());
     memory src(g.src(), Engine(), x.typed_data());
@@ -111,6 +122,7 @@ ffi::Error ConvBwdDataImpl(ffi::Buffer<ffi::F32> gy, ffi::Buffer<ffi::F32> w,
   auto xd = dx->dimensions();
   Geometry g{xd[0], xd[1], xd[2], xd[3], wd[0], wd[1], wd[3], gd[1], gd[2], sh, sw, pt, pb, pl, pr};
   try {
+    std::lock_guard<std::mutex> exec(ExecMutex());
     Prims& p = Get(g);
     dnnl::stream s(Engine());
     memory diff_dst(g.dst(), Engine(), gy.typed_data());
@@ -133,6 +145,7 @@ ffi::Error ConvBwdWeightsImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> gy,
   auto gd = gy.dimensions();
   Geometry g = Geom(x, wd[0], wd[1], wd[3], gd[1], gd[2], sh, sw, pt, pb, pl, pr);
   try {
+    std::lock_guard<std::mutex> exec(ExecMutex());
     Prims& p = Get(g);
     dnnl::stream s(Engine());
     memory src(g.src(), Engine(), x.typed_data());
