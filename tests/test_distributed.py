@@ -5,26 +5,18 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 
 import pytest
 
 from conftest import ROOT
+from conftest import run_python
 
 FOUR_DEVICES = {'XLA_FLAGS': '--xla_force_host_platform_device_count=4'}
 
 
-def _run_python(code: str, env_extra=None, timeout=600) -> str:
-  env = dict(os.environ, PYTHONPATH=ROOT, **(env_extra or {}))
-  out = subprocess.run([sys.executable, '-c', textwrap.dedent(code)], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=timeout)
-  assert out.returncode == 0, out.stdout + out.stderr
-  return out.stdout
-
-
 def test_four_devices_match_one_device():
-  out = _run_python('''
+  out = run_python('''
       import functools
       import chex, jax, jax.numpy as jnp, numpy as np
       from jax.sharding import NamedSharding, PartitionSpec as P
@@ -183,7 +175,7 @@ def test_two_processes_match_one_process_with_two_devices(tmp_path):
     assert p.returncode == 0, out
   results = [out.split('RESULT ')[1].split() for out in outs]
   assert results[0] == results[1] and results[0][:2] == ['2', '2']
-  single = _run_python(_WORKER.replace('sys.argv[1]', repr(str(tmp_path / 'single'))),
+  single = run_python(_WORKER.replace('sys.argv[1]', repr(str(tmp_path / 'single'))),
                        {'XLA_FLAGS': '--xla_force_host_platform_device_count=2'})
   assert single.split('RESULT ')[1].split() == ['1', '2', results[0][2]]
   assert os.path.isfile(os.path.join(workdir, 'train_summary.json'))  # written by process 0

@@ -1,6 +1,7 @@
 """oneDNN convolutions (FFI): same values and gradients as XLA's, routed where the model asks."""
 
 import platform
+import subprocess
 
 import chex
 import jax
@@ -11,6 +12,8 @@ import pytest
 
 from defendpp_jax import models
 from defendpp_jax import onednn
+
+from conftest import run_python
 
 if not (platform.system() == 'Linux' and platform.machine() == 'x86_64'):
   pytest.skip('the oneDNN pip packages exist for Linux x86-64 only', allow_module_level=True)
@@ -108,11 +111,7 @@ def test_backend_choice(monkeypatch):
 def test_independent_convolutions_in_one_program_are_right_and_do_not_hang():
   """XLA runs independent FFI calls concurrently: oneDNN kernels executed from two threads at
   once hung or returned wrong values (a short training run's weights blew up) until serialised."""
-  import os
-  import subprocess
-  import sys
-  import textwrap
-  code = textwrap.dedent("""
+  code = """
       import jax, jax.numpy as jnp, numpy as np
       from defendpp_jax import onednn
       pad = ((1, 1), (1, 1))
@@ -141,13 +140,9 @@ def test_independent_convolutions_in_one_program_are_right_and_do_not_hang():
         worst = max(worst, max(float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
                                for a, b in zip(got, want)))
       print(worst)
-      """)
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = dict(os.environ, PYTHONPATH=root)
+      """
   try:
-    out = subprocess.run([sys.executable, '-c', code], cwd=root, env=env, capture_output=True,
-                         text=True, timeout=240)
+    out = run_python(code, timeout=240)
   except subprocess.TimeoutExpired:
     pytest.fail('a jitted program with independent oneDNN convolutions hung (4 min)')
-  assert out.returncode == 0, out.stderr[-2000:]
-  assert float(out.stdout.split()[-1]) < 1e-4  # relative to each output's largest entry
+  assert float(out.split()[-1]) < 1e-4  # relative to each output's largest entry

@@ -51,10 +51,9 @@ std::mutex& ExecMutex() {
   return mu;
 }
 
+// The primitives of one geometry, created on first use. Callers hold ExecMutex().
 Prims& Get(const Geometry& g) {
-  static std::mutex mu;
   static std::map<decltype(g.key()), std::unique_ptr<Prims>> cache;
-  std::lock_guard<std::mutex> lock(mu);
   auto& slot = cache[g.key()];
   if (!slot) {
     auto& eng = Engine();
