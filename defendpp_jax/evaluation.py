@@ -397,8 +397,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, progress: bool = T
       'threat_model': config.eval.threat_model,
       'crafted_on': crafted_on,
       # the kernels the convolutions ran on (config.model.conv resolved on this machine)
-      'conv_backend': models.resolve_conv_backend(
-          config.model.get('conv', models.CONV_BEFORE_FIELD)),
+      **models.conv_kernels(config.model.get('conv', models.CONV_BEFORE_FIELD)),
       'clean_accuracy': clean_acc, 'clean_correct': correct,
       'rows': [result_row(r, thresholds) for r in results.values()],
       'transfer': ({'source_workdir': os.path.abspath(config.eval.source_workdir),

@@ -19,6 +19,7 @@ import contextlib
 import contextvars
 import functools
 import math
+import os
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
@@ -64,6 +65,15 @@ def resolve_conv_backend(name: str) -> str:
     raise ValueError(f'config.model.conv=onednn, but the oneDNN convolutions are unavailable: '
                      f'{why}')
   return 'xla'
+
+
+def conv_kernels(name: str) -> dict[str, str | None]:
+  """What a run's convolutions ran on, for its summary: the backend `name` resolves to and, on
+  oneDNN, the file name of the FFI library (it carries a hash of the C++ source, the jax /
+  jaxlib versions and the oneDNN library it was built against)."""
+  backend = resolve_conv_backend(name)
+  library = os.path.basename(onednn.load()) if backend == 'onednn' else None
+  return {'conv_backend': backend, 'conv_library': library}
 
 
 @contextlib.contextmanager

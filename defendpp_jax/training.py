@@ -557,7 +557,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   summary = {'step': final_step, 'param_l2': param_l2(state.params),
              'params_sha256': params_sha256(state.params), 'model': run_name(config),
-             'conv_backend': models.resolve_conv_backend(config.model.conv),
+             **models.conv_kernels(config.model.conv),
              'num_devices': jax.device_count(), 'config': config.to_dict()}
   if config.defense.name == 'none':
     logits_apply, variables = models.classify_apply(model), state.variables

@@ -1,6 +1,8 @@
 """oneDNN convolutions (FFI): same values and gradients as XLA's, routed where the model asks."""
 
+import os
 import platform
+import re
 import subprocess
 
 import chex
@@ -100,8 +102,14 @@ def test_model_logits_input_gradient_and_training_loss_match():
 
 def test_backend_choice(monkeypatch):
   assert models.resolve_conv_backend('xla') == 'xla'
+  assert models.conv_kernels('xla') == {'conv_backend': 'xla', 'conv_library': None}
   with pytest.raises(ValueError, match=r'config\.model\.conv'):
     models.resolve_conv_backend('mkl')
+  if onednn.available()[0]:  # the summary names the library build (hash of source + versions)
+    assert models.conv_kernels('onednn') == {
+        'conv_backend': 'onednn', 'conv_library': os.path.basename(onednn.load())}
+    assert re.fullmatch(r'onednn_conv-[0-9a-f]{16}\.so',
+                        models.conv_kernels('onednn')['conv_library'])
   monkeypatch.setattr(onednn, 'available', lambda: (False, 'no library here'))
   assert models.resolve_conv_backend('auto') == 'xla'  # falls back silently
   with pytest.raises(ValueError, match=r'config\.model\.conv=onednn.*no library here'):

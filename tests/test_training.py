@@ -134,6 +134,8 @@ def test_train_and_evaluate_end_to_end_and_resume(tmp_path):
   assert 0.0 <= saved['clean_accuracy'] <= 1.0
   assert saved['clean_accuracy'] == saved['correct'] / saved['seen']
   assert saved['config']['model']['decoder'] == 'pyramid'
+  assert saved['conv_backend'] in ('xla', 'onednn')  # and the build, on oneDNN
+  assert (saved['conv_library'] is None) == (saved['conv_backend'] == 'xla')
   assert saved['params_sha256'] == summary['params_sha256'] and len(saved['params_sha256']) == 64
   # The same command again resumes from the final checkpoint and changes nothing.
   again = training.train_and_evaluate(config, workdir)
