@@ -236,8 +236,22 @@ class AttackResult:
 
 # Adversarials crafted on one model and classified by others (transfer, grey-box), kept for the
 # life of the process: every row of a table that classifies the same crafted images (C&W / DDN
-# crafted on the undefended net, for each defended model) pays the crafting once.
+# crafted on the undefended net, for each defended model) pays the crafting once. Least recently
+# used first out once the kept images pass CRAFTED_MAX_BYTES (checked when a new set starts, so
+# the newest set may take the total past the bound until the next one starts).
 _CRAFTED: dict[tuple, list[np.ndarray]] = {}
+CRAFTED_MAX_BYTES = 2 << 30
+
+
+def _crafted_batches(key: tuple) -> list[np.ndarray]:
+  """The batches kept under `key` (a new empty list on a miss; appended to by the caller)."""
+  if key in _CRAFTED:
+    _CRAFTED[key] = _CRAFTED.pop(key)  # now the most recently used
+    return _CRAFTED[key]
+  total = sum(a.nbytes for batches in _CRAFTED.values() for a in batches)
+  while _CRAFTED and total > CRAFTED_MAX_BYTES:
+    total -= sum(a.nbytes for a in _CRAFTED.pop(next(iter(_CRAFTED))))
+  return _CRAFTED.setdefault(key, [])
 
 
 def _crafting_key(spec, source: LoadedModel, images, labels, batch_size, key) -> tuple:
@@ -262,8 +276,7 @@ def run_attack(spec: AttackSpec, target: LoadedModel, images: np.ndarray, labels
   predict = _predict_fn(target.apply_logits)
   crafted = None
   if reuse:
-    crafted = _CRAFTED.setdefault(
-        _crafting_key(spec, source, images, labels, batch_size, key), [])
+    crafted = _crafted_batches(_crafting_key(spec, source, images, labels, batch_size, key))
   correct, seen, distances = 0, 0, []
   batches = data_lib.eval_batches(images, labels, batch_size)
   n_batches = math.ceil(len(labels) / batch_size)

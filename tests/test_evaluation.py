@@ -115,3 +115,16 @@ def test_progress_without_a_terminal_prints_one_line_per_item(capsys):
   assert [l.split(',')[0].strip() for l in lines] == ['pgd 1/3', 'pgd 2/3', 'pgd 3/3']
   assert list(reporting.progress(iter('ab'), 2, 'pgd', enabled=False)) == ['a', 'b']
   assert capsys.readouterr().err == ''
+
+
+def test_crafted_images_are_kept_least_recently_used_first_out(monkeypatch):
+  monkeypatch.setattr(evaluation, '_CRAFTED', {})
+  monkeypatch.setattr(evaluation, 'CRAFTED_MAX_BYTES', 2 * 400)
+  batch = lambda: np.zeros((100,), np.float32)  # 400 bytes
+  evaluation._crafted_batches('a').append(batch())
+  evaluation._crafted_batches('b').append(batch())
+  assert evaluation._crafted_batches('a') and list(evaluation._CRAFTED) == ['b', 'a']  # a hit
+  evaluation._crafted_batches('c').append(batch())  # 800 bytes kept: nothing evicted yet
+  assert list(evaluation._CRAFTED) == ['b', 'a', 'c']
+  assert evaluation._crafted_batches('d') == []  # 1,200 > 800: b goes, then 800 is within
+  assert list(evaluation._CRAFTED) == ['a', 'c', 'd']
