@@ -11,6 +11,7 @@ import pytest
 
 from conftest import ROOT
 from conftest import run_python
+from conftest import run_python_args
 
 FOUR_DEVICES = {'XLA_FLAGS': '--xla_force_host_platform_device_count=4'}
 
@@ -53,8 +54,8 @@ def test_four_devices_match_one_device():
   assert 'OK' in out
 
 
-def _train_cmd(workdir, *overrides):
-  return [sys.executable, '-m', 'launch.train', '--config=configs/quickstart.py',
+def _train_args(workdir, *overrides):
+  return ['-m', 'launch.train', '--config=configs/quickstart.py',
           f'--workdir={workdir}', '--config.model.width=4', '--config.train.num_epochs=3',
           '--config.train.checkpoint_every_steps=5', '--config.train.log_every_steps=5',
           *overrides]
@@ -66,7 +67,8 @@ def _steps(workdir):
 
 
 def _start(workdir):
-  return subprocess.Popen(_train_cmd(workdir), cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT),
+  return subprocess.Popen([sys.executable, *_train_args(workdir)], cwd=ROOT,
+                          env=dict(os.environ, PYTHONPATH=ROOT),
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -89,8 +91,7 @@ def _summary(workdir):
 def test_sigkill_and_sigterm_resume_exactly(tmp_path):
   # Uninterrupted reference: 3 epochs of 22 steps.
   ref = str(tmp_path / 'ref')
-  subprocess.run(_train_cmd(ref), cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), check=True,
-                 capture_output=True, timeout=600)
+  run_python_args(_train_args(ref))
   expected = _summary(ref)
   assert expected['step'] == 66
   work = str(tmp_path / 'work')
@@ -112,10 +113,8 @@ def test_sigkill_and_sigterm_resume_exactly(tmp_path):
   stopped_at = int(out.split('SIGTERM received: saving step ')[1].split()[0])
   assert _steps(work)[-1] == stopped_at < 66
   # The same command again finishes the run: bit-identical to the uninterrupted one.
-  done = subprocess.run(_train_cmd(work), cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT),
-                        capture_output=True, text=True, timeout=600)
-  assert done.returncode == 0, done.stdout + done.stderr
-  assert f'resumed from step {stopped_at}' in done.stdout
+  done = run_python_args(_train_args(work))
+  assert f'resumed from step {stopped_at}' in done
   got = _summary(work)
   assert got['params_sha256'] == expected['params_sha256']
   assert got['param_l2'] == expected['param_l2'] and got['step'] == 66
@@ -124,17 +123,12 @@ def test_sigkill_and_sigterm_resume_exactly(tmp_path):
 def test_evaluate_same_numbers_on_one_and_four_devices(tmp_path):
   workdir = str(tmp_path / 'run')
   base = ['--config=configs/quickstart.py:smoke', f'--workdir={workdir}']
-  env = dict(os.environ, PYTHONPATH=ROOT)
   # 10 epochs of the smoke run: accurate enough that the attacks have something to flip.
-  subprocess.run([sys.executable, '-m', 'launch.train', *base, '--config.train.num_epochs=10'],
-                 cwd=ROOT, env=env, check=True, capture_output=True, timeout=600)
+  run_python_args(['-m', 'launch.train', *base, '--config.train.num_epochs=10'])
   results = []
   for extra in ({}, FOUR_DEVICES):
-    ev = subprocess.run([sys.executable, '-m', 'launch.evaluate', *base,
-                         "--config.eval.attacks=('fgsm','pgd','ddn')",
-                         '--config.eval.figures=False'], cwd=ROOT, env=dict(env, **extra),
-                        capture_output=True, text=True, timeout=600)
-    assert ev.returncode == 0, ev.stdout + ev.stderr
+    run_python_args(['-m', 'launch.evaluate', *base, "--config.eval.attacks=('fgsm','pgd','ddn')",
+                     '--config.eval.figures=False'], extra)
     with open(os.path.join(workdir, 'robustness.json')) as f:
       report = json.load(f)
     results.append(report)

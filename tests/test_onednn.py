@@ -106,10 +106,9 @@ def test_backend_choice(monkeypatch):
   with pytest.raises(ValueError, match=r'config\.model\.conv'):
     models.resolve_conv_backend('mkl')
   if onednn.available()[0]:  # the summary names the library build (hash of source + versions)
-    assert models.conv_kernels('onednn') == {
-        'conv_backend': 'onednn', 'conv_library': os.path.basename(onednn.load())}
-    assert re.fullmatch(r'onednn_conv-[0-9a-f]{16}\.so',
-                        models.conv_kernels('onednn')['conv_library'])
+    kernels = models.conv_kernels('onednn')
+    assert kernels == {'conv_backend': 'onednn', 'conv_library': os.path.basename(onednn.load())}
+    assert re.fullmatch(r'onednn_conv-[0-9a-f]{16}\.so', kernels['conv_library'])
   monkeypatch.setattr(onednn, 'available', lambda: (False, 'no library here'))
   assert models.resolve_conv_backend('auto') == 'xla'  # falls back silently
   with pytest.raises(ValueError, match=r'config\.model\.conv=onednn.*no library here'):
