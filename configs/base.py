@@ -25,6 +25,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   # Convolution kernels: auto (oneDNN on a single CPU device when available, else XLA) | xla |
   # onednn. Equal to float tolerance; oneDNN's are 2-5x faster on CPU (docs/PERFORMANCE.md).
   config.model.conv = 'auto'
+  # Padding of the strided convolutions: torch (k // 2 on each side, as PyTorch's ResNets, the
+  # paper's) | same (XLA's 'SAME': 0 before, 1 after on even sizes; runs saved before this field).
+  config.model.padding = 'torch'
 
   config.loss = ml_collections.ConfigDict()
   config.loss.targets = 'dct'         # dct (MS-LP) | linear (MS-LI ablation)

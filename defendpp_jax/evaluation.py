@@ -147,6 +147,7 @@ def load_model(config: ml_collections.ConfigDict, workdir: str,
   """The deployed model of the run in `workdir` (its latest checkpoint), built from `config`."""
   if config.defense.name != 'none':
     return load_deployed(config, workdir, ds)
+  check_same_classifier(config, workdir, '--workdir')
   setup, state = _restore(config, workdir, ds)
   return LoadedModel(config, models.classify_apply(setup.model), state.variables,
                      int(state.step), workdir, model=setup.model)
@@ -192,6 +193,32 @@ def config_of_run(workdir: str) -> ml_collections.ConfigDict:
     raise FileNotFoundError(f'{path} not found: is {workdir} a finished training run?')
   with open(path) as f:
     return ml_collections.ConfigDict(json.load(f)['config'])
+
+
+# The fields that define a classifier's function beyond its parameter shapes (the dataset sets
+# the input normalisation), with the value of a config saved before the field existed.
+CLASSIFIER_FIELDS = {'data.name': None, 'model.arch': None, 'model.width': None,
+                     'model.stem': 'auto', 'model.padding': models.PADDING_BEFORE_FIELD}
+
+
+def check_same_classifier(config: ml_collections.ConfigDict, run_dir: str, what: str) -> None:
+  """Raises, naming the field, unless `config` builds the classifier that `run_dir` trained.
+
+  Parameter shapes alone cannot tell e.g. two paddings apart: restoring weights into the other
+  would evaluate a different function without any error. Runs without a train_summary.json
+  (unfinished) are not checked.
+  """
+  if not os.path.isfile(os.path.join(run_dir, 'train_summary.json')):
+    return
+  saved = config_of_run(run_dir)
+  for path, before_field in CLASSIFIER_FIELDS.items():
+    section, field = path.split('.')
+    mine = config[section].get(field, before_field)
+    theirs = saved[section].get(field, before_field)
+    if mine != theirs:
+      raise ValueError(f'{what}={run_dir!r} was trained with config.{path}={theirs!r}, the '
+                       f'config given has {mine!r}: the classifiers differ (pass '
+                       f'--config.{path}={theirs})')
 
 
 # ---------------------------------------------------------------------------------------------

@@ -38,6 +38,14 @@ STEMS = ('auto', 'cifar', 'imagenet')
 CONV_BACKENDS = ('auto', 'xla', 'onednn')
 # The backend of a config saved before `model.conv` existed: every such run used XLA's kernels.
 CONV_BEFORE_FIELD = 'xla'
+# Padding of the strided convolutions (`config.model.padding`). 'torch': k // 2 on every side,
+# as PyTorch's ResNets (the paper's networks): a 3x3 stride-2 window is then centred on the
+# pixel its block's 1x1 stride-2 projection reads. 'same': XLA's 'SAME', which on an even size
+# pads 0 before and 1 after, so that window is centred one pixel right of / below the
+# projection's. Stride-1 convolutions are padded alike by both.
+PADDINGS = ('torch', 'same')
+# The padding of a config saved before `model.padding` existed: every such run used 'SAME'.
+PADDING_BEFORE_FIELD = 'same'
 _CONV = contextvars.ContextVar('defendpp_conv_backend', default='xla')
 
 Features = list[tuple[str, jax.Array]]
@@ -177,8 +185,10 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
   return conv(lhs, rhs)
 
 
-def _conv(features: int, kernel: int = 3, strides: int = 1, name: str | None = None) -> nn.Conv:
-  return nn.Conv(features, (kernel, kernel), strides=(strides, strides), padding='SAME',
+def _conv(features: int, kernel: int = 3, strides: int = 1, name: str | None = None,
+          padding: str = 'torch') -> nn.Conv:
+  pad = 'SAME' if padding == 'same' else ((kernel // 2, kernel // 2),) * 2
+  return nn.Conv(features, (kernel, kernel), strides=(strides, strides), padding=pad,
                  use_bias=False, kernel_init=torch_init, conv_general_dilated=conv_general_dilated,
                  name=name)
 
@@ -196,13 +206,16 @@ def _bn(train: bool, name: str | None = None) -> nn.BatchNorm:
 class BasicBlock(nn.Module):
   features: int
   strides: int = 1
+  padding: str = 'torch'  # PADDINGS
 
   @nn.compact
   def __call__(self, x, train: bool):
-    y = nn.relu(_bn(train)(_conv(self.features, 3, self.strides)(x)))
-    y = _bn(train)(_conv(self.features, 3)(y))
+    pad = self.padding
+    y = nn.relu(_bn(train)(_conv(self.features, 3, self.strides, padding=pad)(x)))
+    y = _bn(train)(_conv(self.features, 3, padding=pad)(y))
     if x.shape[-1] != self.features or self.strides != 1:
-      x = _bn(train, name='proj_bn')(_conv(self.features, 1, self.strides, name='proj')(x))
+      x = _bn(train, name='proj_bn')(
+          _conv(self.features, 1, self.strides, name='proj', padding=pad)(x))
     return nn.relu(x + y)
 
 
@@ -210,15 +223,16 @@ class Bottleneck(nn.Module):
   features: int
   strides: int = 1
   expansion: int = 4
+  padding: str = 'torch'  # PADDINGS
 
   @nn.compact
   def __call__(self, x, train: bool):
-    out = self.features * self.expansion
-    y = nn.relu(_bn(train)(_conv(self.features, 1)(x)))
-    y = nn.relu(_bn(train)(_conv(self.features, 3, self.strides)(y)))
-    y = _bn(train)(_conv(out, 1)(y))
+    out, pad = self.features * self.expansion, self.padding
+    y = nn.relu(_bn(train)(_conv(self.features, 1, padding=pad)(x)))
+    y = nn.relu(_bn(train)(_conv(self.features, 3, self.strides, padding=pad)(y)))
+    y = _bn(train)(_conv(out, 1, padding=pad)(y))
     if x.shape[-1] != out or self.strides != 1:
-      x = _bn(train, name='proj_bn')(_conv(out, 1, self.strides, name='proj')(x))
+      x = _bn(train, name='proj_bn')(_conv(out, 1, self.strides, name='proj', padding=pad)(x))
     return nn.relu(x + y)
 
 
@@ -230,17 +244,23 @@ class ResNetStage(nn.Module):
   block: str = 'basic'
   stem: str | None = None  # 'cifar' | 'imagenet' on E_0 only
   stem_features: int = 64
+  padding: str = 'torch'  # PADDINGS
 
   @nn.compact
   def __call__(self, x, train: bool):
+    pad = self.padding
     if self.stem == 'cifar':
-      x = nn.relu(_bn(train, name='stem_bn')(_conv(self.stem_features, 3, name='stem')(x)))
+      x = nn.relu(_bn(train, name='stem_bn')(
+          _conv(self.stem_features, 3, name='stem', padding=pad)(x)))
     elif self.stem == 'imagenet':
-      x = nn.relu(_bn(train, name='stem_bn')(_conv(self.stem_features, 7, 2, name='stem')(x)))
-      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding='SAME')
+      x = nn.relu(_bn(train, name='stem_bn')(
+          _conv(self.stem_features, 7, 2, name='stem', padding=pad)(x)))
+      x = nn.max_pool(x, (3, 3), strides=(2, 2),
+                      padding='SAME' if pad == 'same' else ((1, 1), (1, 1)))
     cls = BasicBlock if self.block == 'basic' else Bottleneck
     for i in range(self.num_blocks):
-      x = cls(self.features, self.strides if i == 0 else 1, name=f'block{i}')(x, train)
+      x = cls(self.features, self.strides if i == 0 else 1, padding=pad,
+              name=f'block{i}')(x, train)
     return x, [('out', x)]
 
 
@@ -260,11 +280,13 @@ class VGGStage(nn.Module):
     return x, [('pre_pool', pre), ('out', x)]
 
 
-def encoder_blocks(arch: str, width: int, image_size: int,
-                   stem: str = 'auto') -> list[Callable[..., nn.Module]]:
+def encoder_blocks(arch: str, width: int, image_size: int, stem: str = 'auto',
+                   padding: str = 'torch') -> list[Callable[..., nn.Module]]:
   """Constructors (call with name=...) of the encoding blocks E_0 .. E_{B-1} of `arch`."""
   if arch not in ARCHS:
     raise ValueError(f'config.model.arch={arch!r} is not one of {ARCHS}')
+  if padding not in PADDINGS:
+    raise ValueError(f'config.model.padding={padding!r} is not one of {PADDINGS}')
   if width < 1:
     raise ValueError(f'config.model.width must be >= 1, got {width}')
   if arch == 'vgg16':
@@ -279,7 +301,7 @@ def encoder_blocks(arch: str, width: int, image_size: int,
   block = 'bottleneck' if arch == 'resnet50' else 'basic'
   return [
       functools.partial(ResNetStage, n, width * 2**k, 1 if k == 0 else 2, block,
-                        stem if k == 0 else None, width)
+                        stem if k == 0 else None, width, padding)
       for k, n in enumerate(sizes)
   ]
 
@@ -296,10 +318,11 @@ class Classifier(nn.Module):
   stem: str = 'auto'
   mean: Sequence[float] = (0.5,)
   std: Sequence[float] = (0.5,)
+  padding: str = 'torch'  # PADDINGS
 
   @nn.compact
   def __call__(self, x, train: bool = False, return_features: bool = False):
-    blocks = encoder_blocks(self.arch, self.width, self.image_size, self.stem)
+    blocks = encoder_blocks(self.arch, self.width, self.image_size, self.stem, self.padding)
     h = (x - jnp.asarray(self.mean, x.dtype)) / jnp.asarray(self.std, x.dtype)
     features: list[Features] = []
     for k, ctor in enumerate(blocks):
@@ -481,17 +504,18 @@ class DefendPP(nn.Module):
   mean: Sequence[float] = (0.5,)
   std: Sequence[float] = (0.5,)
   conv: str = 'auto'  # CONV_BACKENDS: which kernels run the convolutions
+  padding: str = 'torch'  # PADDINGS: of the strided convolutions
 
   def setup(self):
     h, w, _ = self.image_shape
-    self.blocks = encoder_blocks(self.arch, self.width, min(h, w), self.stem)
+    self.blocks = encoder_blocks(self.arch, self.width, min(h, w), self.stem, self.padding)
     if self.decoder not in DECODERS:
       raise ValueError(f'config.model.decoder={self.decoder!r} is not one of {DECODERS}')
     if not 1 <= self.shared_blocks <= len(self.blocks):
       raise ValueError(f'config.model.shared_blocks={self.shared_blocks} must be in '
                        f'[1, {len(self.blocks)}] for {self.arch}')
     self.classifier = Classifier(self.arch, self.num_classes, self.width, min(h, w), self.stem,
-                                 tuple(self.mean), tuple(self.std))
+                                 tuple(self.mean), tuple(self.std), self.padding)
     if self.decoder == 'none':
       return
     for k in range(self.shared_blocks, len(self.blocks)):
@@ -550,7 +574,8 @@ def build_model(model_config: Any, num_classes: int, image_shape: Sequence[int],
       width=model_config.width, shared_blocks=model_config.shared_blocks,
       decoder=model_config.decoder, num_levels=model_config.get('num_levels', 0),
       noise_std=noise_std, stem=model_config.get('stem', 'auto'), mean=tuple(mean), std=tuple(std),
-      conv=model_config.get('conv', CONV_BEFORE_FIELD))
+      conv=model_config.get('conv', CONV_BEFORE_FIELD),
+      padding=model_config.get('padding', PADDING_BEFORE_FIELD))
 
 
 def classifier_logits_fn(model: DefendPP, variables: Any) -> Callable[[jax.Array], jax.Array]:

@@ -169,7 +169,7 @@ def warm_start(state: TrainState, config: ml_collections.ConfigDict, ds: data_li
   The classifier's parameters and BatchNorm statistics are copied, and so are the AE-owned
   encoder blocks (which start as copies of the classifier's, as in `init_state`); the decoder
   keeps its fresh initialisation and the optimizer state starts anew. The source must be the
-  same classifier: same dataset, architecture, width and stem.
+  same classifier: same dataset, architecture, width, stem and padding.
   """
   from defendpp_jax import evaluation  # pylint: disable=g-import-not-at-top
   src_dir = config.train.init_from
@@ -177,12 +177,7 @@ def warm_start(state: TrainState, config: ml_collections.ConfigDict, ds: data_li
     raise ValueError(f'config.train.init_from initialises a classifier; a '
                      f'config.defense.name={config.defense.name!r} run trains a reformer')
   src_config = evaluation.config_of_run(src_dir)
-  for path in ('data.name', 'model.arch', 'model.width', 'model.stem'):
-    section, field = path.split('.')
-    mine, theirs = config[section][field], src_config[section][field]
-    if mine != theirs:
-      raise ValueError(f'config.train.init_from={src_dir!r} was trained with config.{path}='
-                       f'{theirs!r}, this run has {mine!r}: the classifiers differ')
+  evaluation.check_same_classifier(config, src_dir, 'config.train.init_from')
   if src_config.defense.name != 'none':
     raise ValueError(f'config.train.init_from={src_dir!r} is a {src_config.defense.name} '
                      'reformer run, not a classifier run')

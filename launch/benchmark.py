@@ -35,6 +35,7 @@ from defendpp_jax import attacks
 from defendpp_jax import models
 from defendpp_jax import onednn
 from defendpp_jax import training
+from launch import torch_resnet
 
 _ARCH = flags.DEFINE_string('arch', 'resnet18', 'Architecture.')
 _WIDTH = flags.DEFINE_list('width', ['16'], 'Base widths.')
@@ -149,32 +150,8 @@ def bench_torch(width: int, shape: tuple[int, int, int], batch: int, steps: list
   import torch  # pylint: disable=g-import-not-at-top
   from torch import nn  # pylint: disable=g-import-not-at-top
 
-  class Basic(nn.Module):
-
-    def __init__(self, cin, cout, stride):
-      super().__init__()
-      self.c1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-      self.b1 = nn.BatchNorm2d(cout)
-      self.c2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-      self.b2 = nn.BatchNorm2d(cout)
-      self.proj = None
-      if stride != 1 or cin != cout:
-        self.proj = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
-                                  nn.BatchNorm2d(cout))
-
-    def forward(self, x):
-      out = torch.relu(self.b1(self.c1(x)))
-      out = self.b2(self.c2(out))
-      return torch.relu(out + (x if self.proj is None else self.proj(x)))
-
   h, w, c = shape
-  layers = [nn.Conv2d(c, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU()]
-  cin = width
-  for k in range(4):
-    for i in range(2):
-      layers.append(Basic(cin, width * 2**k, 2 if (k > 0 and i == 0) else 1))
-      cin = width * 2**k
-  net = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, 10))
+  net = torch_resnet.resnet18(width, c)
   opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
   x = torch.rand(batch, c, h, w)
   y = torch.randint(0, 10, (batch,))

@@ -100,6 +100,37 @@ def test_transfer_and_failed_check_is_flagged(runs):
   assert 'SANITY CHECK FAILED' in reporting.markdown_table(report)
 
 
+def test_a_run_is_loaded_only_as_the_classifier_it_trained(runs, tmp_path):
+  # Same parameter shapes, different function: refused by name instead of evaluated silently.
+  import shutil  # pylint: disable=g-import-not-at-top
+  from defendpp_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+  config, workdir = runs['plain']
+  ds = data_lib.load_dataset(config.data.name, None, config.data.train_limit,
+                             config.data.test_limit)
+  assert config.model.padding == 'torch'
+  evaluation.load_model(config, workdir, ds)
+  for path, value in (('model.padding', 'same'), ('data.name', 'mnist')):
+    other = config.copy_and_resolve_references()
+    section, field = path.split('.')
+    other[section][field] = value
+    with pytest.raises(ValueError, match=rf'config\.{path}=.*pass --config\.{path}='):
+      evaluation.load_model(other, workdir, ds)
+  # A run saved before `model.padding` existed was trained with 'SAME' padding.
+  old = str(tmp_path / 'old')
+  shutil.copytree(workdir, old)
+  path = os.path.join(old, 'train_summary.json')
+  with open(path) as f:
+    summary = json.load(f)
+  del summary['config']['model']['padding']
+  with open(path, 'w') as f:
+    json.dump(summary, f)
+  with pytest.raises(ValueError, match=r"config\.model\.padding='same'"):
+    evaluation.load_model(config, old, ds)
+  other = config.copy_and_resolve_references()
+  other.model.padding = 'same'
+  assert evaluation.load_model(other, old, ds).model.padding == 'same'
+
+
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
   config = quickstart.get_config('smoke')
   with pytest.raises(FileNotFoundError, match='no checkpoint'):

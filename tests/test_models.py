@@ -134,6 +134,31 @@ def test_bad_model_settings_raise():
     models.DefendPP(arch='resnet101', image_shape=(28, 28, 1)).init(jax.random.key(0), x)
   with pytest.raises(ValueError, match='shape'):
     models.DefendPP(image_shape=(32, 32, 3), width=4).init(jax.random.key(0), x)
+  with pytest.raises(ValueError, match='config.model.padding'):
+    models.DefendPP(image_shape=(28, 28, 1), width=4, padding='valid').init(jax.random.key(0), x)
+
+
+@pytest.mark.parametrize('size', [28, 14, 7])
+def test_strided_windows_sit_on_the_projection_pixels_with_torch_padding(size):
+  # A 3x3 stride-2 conv whose kernel is 1 at its centre reads one pixel per output: with PyTorch's
+  # padding the very pixels the 1x1 stride-2 projection reads (0, 2, 4...); with XLA's 'SAME' on
+  # an even size, the ones after them (1, 3, 5...).
+  x = jax.random.uniform(jax.random.key(0), (2, size, size, 1))
+  centre = {'params': {'kernel': jnp.zeros((3, 3, 1, 1)).at[1, 1].set(1.0)}}
+  proj = x[:, ::2, ::2]
+  for padding, expected in (('torch', proj), ('same', x[:, 1::2, 1::2] if size % 2 == 0 else proj)):
+    conv = models._conv(1, 3, 2, padding=padding)
+    chex.assert_trees_all_close(conv.apply(centre, x), expected)
+  one = {'params': {'kernel': jnp.ones((1, 1, 1, 1))}}
+  chex.assert_trees_all_close(models._conv(1, 1, 2, padding='torch').apply(one, x), proj)
+
+
+def test_a_config_saved_before_the_padding_field_builds_the_same_padding_model():
+  cfg = ml_collections.ConfigDict({'arch': 'resnet18', 'width': 4, 'shared_blocks': 1,
+                                   'decoder': 'none'})
+  assert models.build_model(cfg, 10, (28, 28, 1)).padding == 'same'
+  cfg.padding = 'torch'
+  assert models.build_model(cfg, 10, (28, 28, 1)).padding == 'torch'
 
 
 @pytest.mark.parametrize('kernel,strides,padding', [(3, 1, 'SAME'), (3, 2, 'SAME'),

@@ -70,6 +70,16 @@ def test_saved_configs_without_later_fields_still_match():
   config.train.init_from = ''
   saved['train']['num_epochs'] = 2
   assert not reproduce._same_config(saved, config)
+  # Runs from before `model.padding` used 'SAME': the cpu budget (which pins it) reuses them,
+  # a budget with PyTorch's padding does not.
+  config = reproduce.model_config('mnist', 'ours', 'cpu', '/tmp/r', '')
+  saved = reproduce._as_json(config)
+  del saved['model']['padding']
+  assert config.model.padding == 'same' and reproduce._same_config(saved, config)
+  config = reproduce.model_config('mnist', 'ours', 'paper', '/tmp/r', '')
+  saved = reproduce._as_json(config)
+  del saved['model']['padding']
+  assert config.model.padding == 'torch' and not reproduce._same_config(saved, config)
 
 
 def test_a_preempted_training_stops_the_table(tmp_path, monkeypatch):

@@ -229,3 +229,7 @@ def test_init_from_starts_from_a_trained_classifier(tmp_path):
   config.model.width = 8
   with pytest.raises(ValueError, match=r'config\.model\.width'):
     training.warm_start(state, config, ds, setup.tx)
+  config.model.width = plain.model.width
+  config.model.padding = 'same'  # same parameter shapes, another function
+  with pytest.raises(ValueError, match=r'config\.model\.padding'):
+    training.warm_start(state, config, ds, setup.tx)
