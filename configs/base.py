@@ -62,6 +62,12 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.train.adv_max_norm = 0.0     # ddn L2 budget; 0 = 2.4 MNIST, 1.0 CIFAR-10
   config.train.log_every_steps = 50
   config.train.checkpoint_every_steps = 500
+  # BatchNorm statistics of the trained model: > 0 re-estimates them at the end of training, with
+  # the final weights, as the average over this many training batches ("precise BN"); 0 keeps
+  # the running averages (which trail the weights by ~10 steps: at a high learning rate the
+  # deployed model's statistics then belong to no set of weights it ever had). Clean-image
+  # training only: adversarial training keeps its running averages (of clean and crafted batches).
+  config.train.precise_bn_batches = 40
   config.train.max_to_keep = 3
 
   # Pre-processing defences in front of a fixed classifier (the "ComDefend" baseline): with

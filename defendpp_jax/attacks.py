@@ -3,7 +3,7 @@
 Every attack takes a `logits_fn: (N, H, W, C) float32 in [0, 1] -> (N, K) logits`, a batch `x` in
 [0, 1] and integer labels `y`, and returns `x_adv` with the shape of `x`, in [0, 1] and (for the
 bounded attacks) inside the eps-ball around `x`. Attacks never normalise pixels (the model does)
-and never choose the model's mode: the caller binds inference mode (BatchNorm running statistics)
+and never choose the model's mode: the caller binds inference mode (BatchNorm's stored statistics)
 into `logits_fn`, e.g. `partial(model.apply, variables, train=False)`.
 
 Usage:

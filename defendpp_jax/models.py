@@ -193,9 +193,14 @@ def _conv(features: int, kernel: int = 3, strides: int = 1, name: str | None = N
                  name=name)
 
 
+# BatchNorm's running averages: running = BN_MOMENTUM running + (1 - BN_MOMENTUM) batch, i.e.
+# PyTorch's momentum=0.1.
+BN_MOMENTUM = 0.9
+
+
 def _bn(train: bool, name: str | None = None) -> nn.BatchNorm:
-  # momentum 0.9 here is PyTorch's momentum=0.1 (running = 0.9 running + 0.1 batch).
-  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name=name)
+  return nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=1e-5,
+                      name=name)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -560,7 +565,7 @@ class DefendPP(nn.Module):
     return logits, self.dec(h, ae_features, train)
 
   def classify(self, x, train: bool = False):
-    """The classifier alone; inference (train=False) uses BatchNorm's running statistics."""
+    """The classifier alone; inference (train=False) uses BatchNorm's stored statistics."""
     with conv_backend(self.conv):
       return self.classifier(x, train=train)
 

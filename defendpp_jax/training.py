@@ -13,12 +13,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import itertools
 import json
 import math
 import os
 import signal
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import flax
 import jax
@@ -75,6 +76,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _choice(config, 'model.arch', models.ARCHS)
   _choice(config, 'model.decoder', models.DECODERS)
   _choice(config, 'model.conv', models.CONV_BACKENDS)
+  _choice(config, 'model.padding', models.PADDINGS)
   _choice(config, 'loss.targets', frequency.TARGET_KINDS)
   _choice(config, 'train.schedule', SCHEDULES)
   _choice(config, 'train.adversarial', ADVERSARIAL)
@@ -100,6 +102,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                   'loss.lambda_ms': config.loss.lambda_ms,
                   'loss.full_scale_weight': config.loss.full_scale_weight,
                   'train.noise_std': config.train.noise_std,
+                  'train.precise_bn_batches': config.train.get('precise_bn_batches', 0),
                   'train.weight_decay': config.train.weight_decay}
   for name, value in non_negative.items():
     if not value >= 0:
@@ -339,6 +342,38 @@ def train_step(state: TrainState, images: jax.Array, labels: jax.Array, weights:
   return TrainState(state.step + 1, params, batch_stats, opt_state), metrics
 
 
+def batch_statistics(model: models.DefendPP) -> Callable:
+  """jit(params, batch_stats, images, key) -> the BatchNorm statistics of this batch alone.
+
+  The training-mode forward of the whole model (classifier, AE-owned blocks, decoder) from
+  zero running averages: each returned average is (1 - BN_MOMENTUM) x the batch's statistic.
+  """
+  def stats(params, batch_stats, images, key):
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, batch_stats)
+    _, new = model.apply({'params': params, 'batch_stats': zeros}, images, train=True,
+                         mutable=['batch_stats'], rngs={'noise': key})
+    return jax.tree_util.tree_map(lambda s: s / (1.0 - models.BN_MOMENTUM),
+                                  new['batch_stats'])
+  return jax.jit(stats)
+
+
+def precise_batch_stats(state: TrainState, model: models.DefendPP,
+                        batches: Iterator[tuple[np.ndarray, np.ndarray]], mesh: Mesh,
+                        key: jax.Array) -> tuple[Any, int]:
+  """(statistics, number of batches): every BatchNorm's mean and variance averaged over
+  `batches` with the weights of `state` ("precise BN")."""
+  fn = batch_statistics(model)
+  total, n = None, 0
+  for images, _ in batches:
+    images, = shard_batch(mesh, images)
+    s = fn(state.params, state.batch_stats, images, jax.random.fold_in(key, n))
+    total = s if total is None else jax.tree_util.tree_map(jnp.add, total, s)
+    n += 1
+  if not n:
+    return state.batch_stats, 0
+  return jax.tree_util.tree_map(lambda t: t / n, total), n
+
+
 def eval_step(variables: Any, images: jax.Array, labels: jax.Array, mask: jax.Array, *,
               logits_apply: Callable[[Any, jax.Array], jax.Array]) -> jax.Array:
   """Number of correctly classified, unmasked examples of `logits_apply(variables, images)`."""
@@ -500,10 +535,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # reported at the step it appeared without a device-to-host read after every step.
   first_bad = jnp.asarray(-1, jnp.int32)
 
-  def save(step: int) -> None:
+  def save(step: int, bn_statistics: str = 'running') -> None:
     _check_finite(first_bad, step, ckpt)  # never checkpoint a diverged state
     ckpt.save(step, state, meta={'step': step, 'epoch': step // spe,
-                                 'step_in_epoch': step % spe, 'data_seed': config.train.seed})
+                                 'step_in_epoch': step % spe, 'data_seed': config.train.seed,
+                                 'bn_statistics': bn_statistics})
 
   last_saved, t0, seen_t0, step = start, time.time(), start, start
   stopped_early = False
@@ -531,6 +567,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           writer.scalars(step, m)
           _log(f'[{step}/{total_steps}] epoch {epoch} ({phase}) ' +
                ' '.join(f'{k} {m[k]:.5g}' for k in _LOGGED if k in m) + f' {rate:.0f} img/s')
+        if step == total_steps:
+          break  # the last state is saved below, after its BatchNorm statistics are final
         if step % config.train.checkpoint_every_steps == 0:
           save(step)
           last_saved = step
@@ -544,7 +582,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         break
     final_step = int(state.step)
     if not stopped_early and final_step != last_saved:
-      save(final_step)
+      bn_statistics = 'running' if jax.tree_util.tree_leaves(state.batch_stats) else 'none'
+      n_precise = config.train.get('precise_bn_batches', 0)
+      if (n_precise and config.defense.name == 'none' and config.train.adversarial == 'none'
+          and final_step > 0):
+        batches = itertools.islice(data_lib.train_batches(
+            ds, config.train.batch_size, config.train.seed, config.train.num_epochs,
+            process_index=jax.process_index(), process_count=jax.process_count()), n_precise)
+        stats, n = precise_batch_stats(state, model, batches, mesh,
+                                       jax.random.fold_in(step_key, final_step))
+        state = state.replace(batch_stats=stats)
+        bn_statistics = f'precise ({n} batches)'
+        _log(f'BatchNorm statistics re-estimated with the final weights on {n} training batches')
+      save(final_step, bn_statistics)
+    else:
+      bn_statistics = (meta or {}).get('bn_statistics', 'running')
   ckpt.close()
   writer.close()
   if stopped_early:
@@ -552,7 +604,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   summary = {'step': final_step, 'param_l2': param_l2(state.params),
              'params_sha256': params_sha256(state.params), 'model': run_name(config),
-             **models.conv_kernels(config.model.conv),
+             'bn_statistics': bn_statistics, **models.conv_kernels(config.model.conv),
              'num_devices': jax.device_count(), 'config': config.to_dict()}
   if config.defense.name == 'none':
     logits_apply, variables = models.classify_apply(model), state.variables
