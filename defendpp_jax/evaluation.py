@@ -25,6 +25,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from configs import base
 from defendpp_jax import attacks as attacks_lib
 from defendpp_jax import checkpointing
 from defendpp_jax import data as data_lib
@@ -187,18 +188,49 @@ def classifier_of(deployed: LoadedModel, ds: data_lib.Dataset) -> LoadedModel:
 
 
 def config_of_run(workdir: str) -> ml_collections.ConfigDict:
-  """The config a run was trained with (from its train_summary.json)."""
+  """The config a run was trained with (from its train_summary.json, completed)."""
   path = os.path.join(workdir, 'train_summary.json')
   if not os.path.isfile(path):
     raise FileNotFoundError(f'{path} not found: is {workdir} a finished training run?')
   with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f)['config'])
+    return ml_collections.ConfigDict(complete_saved_config(json.load(f)['config']))
+
+
+def as_saved_json(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The config as its saved JSON reads back (tuples as lists), to compare with a saved one."""
+  return json.loads(json.dumps(config.to_dict(), default=list))
+
+
+# Fields added after some runs were saved, whose default then differs from how those runs behaved.
+BEFORE_FIELD = {'model.conv': models.CONV_BEFORE_FIELD,
+                'model.padding': models.PADDING_BEFORE_FIELD,
+                'train.precise_bn_batches': 0}
+
+
+def complete_saved_config(saved: dict[str, Any]) -> dict[str, Any]:
+  """A saved config (JSON) with every field it lacks filled in as its run behaved.
+
+  A missing field was added to the project after the config was saved: the run behaved as
+  that field's base-config default, or as BEFORE_FIELD says where the default has changed.
+  """
+  def fill(saved_part, default_part):
+    if not isinstance(saved_part, dict) or not isinstance(default_part, dict):
+      return saved_part
+    out = dict(saved_part)
+    for k, v in default_part.items():
+      out[k] = fill(out[k], v) if k in out else v
+    return out
+
+  defaults = as_saved_json(base.get_base_config())
+  for path, value in BEFORE_FIELD.items():
+    section, field = path.split('.')
+    defaults[section][field] = value
+  return fill(saved, defaults)
 
 
 # The fields that define a classifier's function beyond its parameter shapes (the dataset sets
-# the input normalisation), with the value of a config saved before the field existed.
-CLASSIFIER_FIELDS = {'data.name': None, 'model.arch': None, 'model.width': None,
-                     'model.stem': 'auto', 'model.padding': models.PADDING_BEFORE_FIELD}
+# the input normalisation).
+CLASSIFIER_FIELDS = ('data.name', 'model.arch', 'model.width', 'model.stem', 'model.padding')
 
 
 def check_same_classifier(config: ml_collections.ConfigDict, run_dir: str, what: str) -> None:
@@ -211,10 +243,9 @@ def check_same_classifier(config: ml_collections.ConfigDict, run_dir: str, what:
   if not os.path.isfile(os.path.join(run_dir, 'train_summary.json')):
     return
   saved = config_of_run(run_dir)
-  for path, before_field in CLASSIFIER_FIELDS.items():
+  for path in CLASSIFIER_FIELDS:
     section, field = path.split('.')
-    mine = config[section].get(field, before_field)
-    theirs = saved[section].get(field, before_field)
+    mine, theirs = config[section][field], saved[section][field]
     if mine != theirs:
       raise ValueError(f'{what}={run_dir!r} was trained with config.{path}={theirs!r}, the '
                        f'config given has {mine!r}: the classifiers differ (pass '
@@ -395,8 +426,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, progress: bool = T
   several settings (threat models, attack budgets) side by side.
   """
   training.validate_config(config)
-  ds = data_lib.load_dataset(config.data.name, config.data.data_dir or None,
-                             config.data.train_limit or None, config.data.test_limit or None)
+  ds = training.dataset_of(config)
   n = config.eval.num_examples or len(ds.test_labels)
   images, labels = ds.test_images[:n], ds.test_labels[:n]
   target = load_model(config, workdir, ds)

@@ -23,7 +23,6 @@ from configs import base
 from configs import cifar10 as cifar10_config
 from configs import mnist as mnist_config
 from defendpp_jax import evaluation
-from defendpp_jax import models
 from defendpp_jax import reporting
 from defendpp_jax import training
 
@@ -248,34 +247,14 @@ def model_dir(root: str, dataset: str, budget: str, model: str) -> str:
   return os.path.join(os.path.abspath(root), f'{dataset}-{budget}', model)
 
 
-def _as_json(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """The config as its saved JSON reads back (tuples as lists), to compare with a saved one."""
-  return json.loads(json.dumps(config.to_dict(), default=list))
-
-
 class Preempted(RuntimeError):
   """A model's training stopped on SIGTERM (checkpoint saved): the table run stops too."""
 
 
 def _same_config(saved: dict[str, Any], config: ml_collections.ConfigDict) -> bool:
-  """Whether a saved run's / evaluation's config is `config`.
-
-  A field the saved config lacks was added to the project after it was saved: the run then
-  behaved as that field's default, so the comparison fills it in from the base config.
-  """
-  def fill(saved_part, default_part):
-    if not isinstance(saved_part, dict) or not isinstance(default_part, dict):
-      return saved_part
-    out = dict(saved_part)
-    for k, v in default_part.items():
-      out[k] = fill(out[k], v) if k in out else v
-    return out
-
-  defaults = _as_json(base.get_base_config())
-  defaults['model']['conv'] = models.CONV_BEFORE_FIELD
-  defaults['model']['padding'] = models.PADDING_BEFORE_FIELD
-  defaults['train']['precise_bn_batches'] = 0
-  return fill(saved, defaults) == _as_json(config)
+  """Whether a saved run's / evaluation's config is `config` (fields it lacks filled in as its
+  run behaved: evaluation.complete_saved_config)."""
+  return evaluation.complete_saved_config(saved) == evaluation.as_saved_json(config)
 
 
 def _train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:

@@ -70,6 +70,12 @@ def _choice(config, path: str, choices) -> None:
     raise ValueError(f'config.{path}={value!r} is not one of {tuple(choices)}')
 
 
+def dataset_of(config: ml_collections.ConfigDict) -> data_lib.Dataset:
+  """The dataset `config.data` names (from its data_dir, else tfds), with its limits."""
+  return data_lib.load_dataset(config.data.name, config.data.data_dir or None,
+                               config.data.train_limit or None, config.data.test_limit or None)
+
+
 def validate_config(config: ml_collections.ConfigDict) -> None:
   """Fails fast, naming the field, on a config value the trainer cannot run."""
   _choice(config, 'data.name', data_lib.DATASETS)
@@ -493,8 +499,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   """Trains per `config`, resuming from `workdir`, and writes `workdir/train_summary.json`."""
   validate_config(config)
   os.makedirs(workdir, exist_ok=True)
-  ds = data_lib.load_dataset(config.data.name, config.data.data_dir or None,
-                             config.data.train_limit or None, config.data.test_limit or None)
+  ds = dataset_of(config)
   spe = data_lib.steps_per_epoch(len(ds.train_labels), config.train.batch_size)
   total_steps = spe * config.train.num_epochs
   setup = make_setup(config, ds, spe)
@@ -584,8 +589,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if not stopped_early and final_step != last_saved:
       bn_statistics = 'running' if jax.tree_util.tree_leaves(state.batch_stats) else 'none'
       n_precise = config.train.get('precise_bn_batches', 0)
-      if (n_precise and config.defense.name == 'none' and config.train.adversarial == 'none'
-          and final_step > 0):
+      if n_precise and config.defense.name == 'none' and config.train.adversarial == 'none':
         batches = itertools.islice(data_lib.train_batches(
             ds, config.train.batch_size, config.train.seed, config.train.num_epochs,
             process_index=jax.process_index(), process_count=jax.process_count()), n_precise)

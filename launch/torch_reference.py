@@ -46,8 +46,8 @@ def train_one(ds: data_lib.Dataset, seed: int) -> dict:
 
   torch.manual_seed(seed)
   mean, std = data_lib.STATS[ds.name]
-  net = torch_resnet.resnet18(_WIDTH.value, ds.train_images.shape[-1], ds.num_classes, mean, std,
-                 _PADDING.value)
+  net = torch_resnet.resnet18(_WIDTH.value, ds.train_images.shape[-1], ds.num_classes, mean,
+                              std, _PADDING.value)
   opt = torch.optim.SGD(net.parameters(), lr=_LR.value, momentum=0.9, weight_decay=5e-4)
   milestones = [int(e) for e in _DECAY.value]
   t0 = time.perf_counter()
@@ -65,13 +65,12 @@ def train_one(ds: data_lib.Dataset, seed: int) -> dict:
       opt.step()
       step += 1
   net.eval()
-  correct = 0
+  correct = seen = 0
   with torch.no_grad():
-    for start in range(0, len(ds.test_labels), 1000):
-      x = ds.test_images[start:start + 1000].transpose(0, 3, 1, 2)
-      pred = net(torch.from_numpy(np.ascontiguousarray(x))).argmax(1).numpy()
-      correct += int((pred == ds.test_labels[start:start + 1000]).sum())
-  seen = len(ds.test_labels)
+    for x, y, mask in data_lib.eval_batches(ds.test_images, ds.test_labels, 1000):
+      pred = net(torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))).argmax(1)
+      correct += int(((pred.numpy() == y) & mask).sum())
+      seen += int(mask.sum())
   return {'seed': seed, 'clean_accuracy': correct / seen, 'correct': correct, 'seen': seen,
           'step': step, 'train_s': round(time.perf_counter() - t0, 1)}
 

@@ -103,10 +103,8 @@ def test_transfer_and_failed_check_is_flagged(runs):
 def test_a_run_is_loaded_only_as_the_classifier_it_trained(runs, tmp_path):
   # Same parameter shapes, different function: refused by name instead of evaluated silently.
   import shutil  # pylint: disable=g-import-not-at-top
-  from defendpp_jax import data as data_lib  # pylint: disable=g-import-not-at-top
   config, workdir = runs['plain']
-  ds = data_lib.load_dataset(config.data.name, None, config.data.train_limit,
-                             config.data.test_limit)
+  ds = training.dataset_of(config)
   assert config.model.padding == 'torch'
   evaluation.load_model(config, workdir, ds)
   for path, value in (('model.padding', 'same'), ('data.name', 'mnist')):

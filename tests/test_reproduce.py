@@ -6,6 +6,7 @@ import os
 
 import pytest
 
+from defendpp_jax import evaluation
 from defendpp_jax import reproduce
 
 from conftest import SHARED_DATA
@@ -61,7 +62,7 @@ def test_saved_configs_without_later_fields_still_match():
   # A model trained before a config field existed behaved as that field's default: it is
   # reused; a saved config that differs in any value is not.
   config = reproduce.model_config('mnist', 'ours', 'cpu', '/tmp/r', '')
-  saved = reproduce._as_json(config)
+  saved = evaluation.as_saved_json(config)
   assert reproduce._same_config(saved, config)
   del saved['train']['init_from']          # default '' -> still the same run
   assert reproduce._same_config(saved, config)
@@ -73,11 +74,11 @@ def test_saved_configs_without_later_fields_still_match():
   # Runs from before `model.padding` used 'SAME': the cpu budget (which pins it) reuses them,
   # a budget with PyTorch's padding does not.
   config = reproduce.model_config('mnist', 'ours', 'cpu', '/tmp/r', '')
-  saved = reproduce._as_json(config)
+  saved = evaluation.as_saved_json(config)
   del saved['model']['padding']
   assert config.model.padding == 'same' and reproduce._same_config(saved, config)
   config = reproduce.model_config('mnist', 'ours', 'paper', '/tmp/r', '')
-  saved = reproduce._as_json(config)
+  saved = evaluation.as_saved_json(config)
   del saved['model']['padding']
   assert config.model.padding == 'torch' and not reproduce._same_config(saved, config)
 

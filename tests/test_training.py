@@ -142,10 +142,8 @@ def test_train_and_evaluate_end_to_end_and_resume(tmp_path):
   # BatchNorm statistics re-estimated on the 4 batches an epoch holds (40 asked), and saved: the
   # final checkpoint classifies the test set exactly as the summary says.
   assert saved['bn_statistics'] == 'precise (4 batches)'
-  from defendpp_jax import data as data_lib  # pylint: disable=g-import-not-at-top
   from defendpp_jax import evaluation  # pylint: disable=g-import-not-at-top
-  ds = data_lib.load_dataset(config.data.name, None, config.data.train_limit,
-                             config.data.test_limit)
+  ds = training.dataset_of(config)
   loaded = evaluation.load_model(config, workdir, ds)
   assert training.evaluate_clean(loaded.apply_logits, loaded.variables, ds.test_images,
                                  ds.test_labels, 32) == (saved['correct'], saved['seen'])
@@ -246,7 +244,6 @@ def test_adversarial_training_uses_adversarial_inputs(adversarial):
 
 
 def test_init_from_starts_from_a_trained_classifier(tmp_path):
-  from defendpp_jax import data as data_lib  # pylint: disable=g-import-not-at-top
   from defendpp_jax import evaluation  # pylint: disable=g-import-not-at-top
   plain = quickstart.get_config('smoke')
   plain.model.decoder = 'none'
@@ -256,8 +253,7 @@ def test_init_from_starts_from_a_trained_classifier(tmp_path):
   config = quickstart.get_config('smoke')
   config.model.shared_blocks = 2  # so that the AE owns copies of blocks E_2, E_3
   config.train.init_from = src_dir
-  ds = data_lib.load_dataset(config.data.name, None, config.data.train_limit,
-                             config.data.test_limit)
+  ds = training.dataset_of(config)
   setup = training.make_setup(config, ds, 4)
   state = jax.jit(setup.init)(jax.random.key(1))
   warm = training.warm_start(state, config, ds, setup.tx)
