@@ -8,15 +8,8 @@ official `cifar-10-batches-py` files; say so next to any number obtained on it.)
 `--config=configs/cifar10.py:smoke` shrinks everything to a seconds-long run (tests).
 """
 
-from configs import base
+from defendpp_jax.runs import config as presets
 
 
 def get_config(arg: str | None = None):
-  config = base.get_base_config()
-  config.data.name = 'cifar10'
-  config.model.shared_blocks = 3
-  config.train.num_epochs = 300
-  config.train.learning_rate = 0.1        # decayed x0.1 every 100 epochs until 300
-  config.train.lr_decay_epochs = (100, 200)
-  config.train.lr_schedule_epochs = 0     # >0: rescale the decay epochs to num_epochs
-  return base.apply_arg(config, arg)
+  return presets.apply_arg(presets.dataset_config('cifar10'), arg)

@@ -15,15 +15,8 @@ The plain baseline: --config.model.decoder=none. `--config=configs/mnist.py:smok
 everything to a seconds-long run (tests).
 """
 
-from configs import base
+from defendpp_jax.runs import config as presets
 
 
 def get_config(arg: str | None = None):
-  config = base.get_base_config()
-  config.data.name = 'mnist'
-  config.model.shared_blocks = 4
-  config.train.num_epochs = 250
-  config.train.learning_rate = 0.01       # decayed x0.1 every 100 epochs until 250
-  config.train.lr_decay_epochs = (100, 200)
-  config.train.lr_schedule_epochs = 0     # >0: rescale the decay epochs to num_epochs
-  return base.apply_arg(config, arg)
+  return presets.apply_arg(presets.dataset_config('mnist'), arg)

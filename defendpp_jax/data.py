@@ -203,6 +203,12 @@ def load_dataset(name: str, data_dir: str | None = None, train_limit: int | None
   return ds
 
 
+def dataset_of(config) -> Dataset:
+  """The dataset `config.data` names (from its data_dir, else tfds), with its limits."""
+  return load_dataset(config.data.name, config.data.data_dir or None,
+                      config.data.train_limit or None, config.data.test_limit or None)
+
+
 def check_pixels(images: np.ndarray, what: str = 'images') -> None:
   """Raises if `images` are not float NHWC with pixels in [0, 1]."""
   if images.ndim != 4:

@@ -6,8 +6,11 @@
 Prints images per second (median of --repeats timed runs after one compiling run) and the compile
 time separately. With --json, one JSON object per line:
   {"work": "forward"|"train_step"|"attack_step"|"pgd", "arch", "width", "input", "batch",
-   "steps" (pgd only), "img_per_s", "compile_s", "framework", "conv" (JAX: the kernels the
-   convolutions ran on, xla | onednn)}
+   "steps" (pgd, eot_pgd), "eot_samples" (eot_pgd), "img_per_s", "compile_s", "framework",
+   "conv" (JAX: the kernels the convolutions ran on, xla | onednn), "cpu" (model name and its
+   vector / matrix extensions: the figures depend on the CPU kind)}
+--eot=1,10 (default) times PGD-10 with EOT over k draws of a randomised defence (the classifier
+behind Gaussian input noise) and prints EOT-k time / (k x EOT-1 time).
 --conv=xla,onednn measures the JAX model once per convolution backend (config.model.conv).
 --compare=torch also runs the identical CIFAR-style architecture in PyTorch eager (training step,
 forward, and torchattacks PGD when installed; see requirements-bench.txt). Time nothing else on
@@ -23,6 +26,7 @@ from __future__ import annotations
 import functools
 import json
 import time
+import types
 
 from absl import app
 from absl import flags
@@ -32,9 +36,13 @@ import ml_collections
 import numpy as np
 
 from defendpp_jax import attacks
-from defendpp_jax import models
-from defendpp_jax import onednn
+from defendpp_jax import defences
+from defendpp_jax import nn as models
+from defendpp_jax import parallel
 from defendpp_jax import training
+from defendpp_jax.nn import onednn
+from defendpp_jax.runs import config as config_lib
+from defendpp_jax.training import recipes
 from launch import torch_resnet
 
 _ARCH = flags.DEFINE_string('arch', 'resnet18', 'Architecture.')
@@ -51,6 +59,8 @@ _CONV_FORMS = flags.DEFINE_bool(
     '("framework": "jax-nchw") and as im2col + one matmul ("jax-im2col").')
 _CONV = flags.DEFINE_list('conv', ['auto'], 'Convolution kernels of the JAX model, one '
                           'measurement each: auto | xla | onednn (config.model.conv).')
+_EOT = flags.DEFINE_list('eot', ['1', '10'], 'EOT sample counts k of the EOT-PGD-10 '
+                         'measurement (the classifier behind Gaussian input noise); "" = none.')
 _OPS = flags.DEFINE_bool('ops', False, 'Also time every distinct convolution of the classifier '
                          'alone: forward, input gradient, weight gradient (where the time goes).')
 
@@ -80,32 +90,58 @@ def _time_eager(fn, repeats: int) -> float:
   return float(np.median(times))
 
 
+_EXTENSIONS = ('avx2', 'avx512f', 'avx512_vnni', 'avx512_bf16', 'amx_tile', 'amx_bf16', 'amx_int8')
+
+
+def cpu_kind() -> str:
+  """'model name [vector / matrix extensions]' of this machine's CPU (figures depend on it)."""
+  try:
+    with open('/proc/cpuinfo') as f:
+      info = f.read()
+  except OSError:
+    import platform  # pylint: disable=g-import-not-at-top
+    return platform.processor() or platform.machine()
+  name = next((l.split(':', 1)[1].strip() for l in info.splitlines()
+               if l.startswith('model name')), 'unknown CPU')
+  flags = next((l.split(':', 1)[1].split() for l in info.splitlines()
+                if l.startswith('flags')), [])
+  return f'{name} [{" ".join(e for e in _EXTENSIONS if e in flags) or "no AVX2"}]'
+
+
 def _emit(record: dict) -> None:
+  record = {**record, 'cpu': cpu_kind()}
   if _JSON.value:
     print(json.dumps(record), flush=True)
   else:
     extra = f' k={record["steps"]}' if 'steps' in record else ''
+    extra += f' eot={record["eot_samples"]}' if 'eot_samples' in record else ''
     fw = record['framework'] + (f'/{record["conv"]}' if 'conv' in record else '')
     print(f'{fw:10s} {record["work"]:11s}{extra:6s} {record["arch"]} '
           f'w{record["width"]} {record["input"]} batch {record["batch"]}: '
           f'{record["img_per_s"]:9.1f} img/s (compile {record["compile_s"]:.1f} s)', flush=True)
 
 
+def _jax_setup(arch: str, width: int, shape: tuple[int, int, int], decoder: str, conv: str):
+  """(model, recipe) of a Defend++ / plain classifier as the trainer builds it."""
+  config = config_lib.get_base_config()
+  config.model.update(arch=arch, width=width, shared_blocks=4 if arch != 'vgg16' else 2,
+                      decoder=decoder, conv=conv)
+  config.train.update(learning_rate=0.01, lr_decay_epochs=(), num_epochs=1)
+  ds = types.SimpleNamespace(num_classes=10, image_shape=shape, mean=(0.5,), std=(0.5,))
+  recipe = recipes.classifier_recipe(config, ds, 1)
+  return recipe.model, recipe
+
+
 def bench_jax(arch: str, width: int, shape: tuple[int, int, int], batch: int,
-              steps: list[int], decoder: str, repeats: int, conv: str = 'auto') -> list[dict]:
-  cfg = ml_collections.ConfigDict({
-      'model': {'arch': arch, 'width': width, 'shared_blocks': 4 if arch != 'vgg16' else 2,
-                'decoder': decoder, 'num_levels': 0, 'stem': 'auto', 'conv': conv},
-      'train': {'learning_rate': 0.01, 'lr_decay_epochs': (), 'lr_decay_factor': 0.1,
-                'momentum': 0.9, 'weight_decay': 5e-4}})
-  model = models.build_model(cfg.model, 10, shape)
-  tx, _ = training.make_optimizer(cfg, 1)
-  mesh = training.make_mesh()
+              steps: list[int], decoder: str, repeats: int, conv: str = 'auto',
+              eot: tuple[int, ...] = ()) -> list[dict]:
+  model, recipe = _jax_setup(arch, width, shape, decoder, conv)
+  mesh = parallel.make_mesh()
   rng = np.random.default_rng(0)
   x_np = rng.uniform(size=(batch, *shape)).astype(np.float32)
   y_np = rng.integers(0, 10, batch).astype(np.int32)
-  x, y = training.shard_batch(mesh, x_np, y_np)
-  state = jax.jit(functools.partial(training.init_state, model, tx))(jax.random.key(0))
+  x, y = parallel.shard_batch(mesh, x_np, y_np)
+  state = jax.jit(recipe.init)(jax.random.key(0))
   variables = state.variables
   base = {'arch': arch, 'width': width, 'input': 'x'.join(map(str, shape)), 'batch': batch,
           'framework': 'jax', 'conv': models.resolve_conv_backend(conv)}
@@ -115,14 +151,12 @@ def bench_jax(arch: str, width: int, shape: tuple[int, int, int], batch: int,
   c, t = _time(lambda: forward(variables, x), repeats)
   out.append({**base, 'work': 'forward', 'img_per_s': batch / t, 'compile_s': c})
 
-  step = training.jit_train_step(functools.partial(
-      training.train_step, model=model, tx=tx, targets='dct', lambda_ms=0.01,
-      full_scale_weight=1.0), mesh)
+  step = training.jit_train_step(functools.partial(recipes.train_step, recipe=recipe), mesh)
   weights, key = jnp.ones(2), jax.random.key(1)
   holder = [state]
 
   def train_once():
-    holder[0], m = step(holder[0], x, y, weights, key)  # the state buffer is donated
+    holder[0], m = step(holder[0], x, y, weights, key, None)  # the state buffer is donated
     return m['loss']
 
   c, t = _time(train_once, repeats)
@@ -131,8 +165,8 @@ def bench_jax(arch: str, width: int, shape: tuple[int, int, int], batch: int,
 
   def pgd_fn(k):
     return jax.jit(lambda v, x, y, key: attacks.pgd(
-        models.classifier_logits_fn(model, v), x, y, eps=0.3, step_size=0.01, num_steps=k,
-        key=key, random_start=k > 1))
+        functools.partial(model.apply, v, method='classify'), x, y, eps=0.3, step_size=0.01,
+        num_steps=k, key=key, random_start=k > 1))
 
   one = pgd_fn(1)
   c, t = _time(lambda: one(variables, x, y, key), repeats)
@@ -141,6 +175,22 @@ def bench_jax(arch: str, width: int, shape: tuple[int, int, int], batch: int,
     fn = pgd_fn(k)
     c, t = _time(lambda: fn(variables, x, y, key), max(2, repeats // 2) if k > 20 else repeats)
     out.append({**base, 'work': 'pgd', 'steps': k, 'img_per_s': batch / t, 'compile_s': c})
+  out += _bench_eot(model, variables, x, y, key, eot, base, repeats)
+  return out
+
+
+def _bench_eot(model, variables, x, y, key, eot, base, repeats) -> list[dict]:
+  """PGD-10 with EOT over k draws of input noise (the classifier behind Gaussian noise)."""
+  noisy = defences.preprocess(defences.gaussian_noise(0.1), defences.classifier_defence(
+      model, variables, 'classifier'))
+  out = []
+  for k in eot:
+    fn = jax.jit(lambda v, x, y, key, k=k: attacks.pgd(
+        noisy.attack_model('eot', eot_samples=k, eot_chunk=k, variables=v), x, y, eps=0.3,
+        step_size=0.03, num_steps=10, key=key))
+    c, t = _time(lambda: fn(noisy.variables, x, y, key), max(2, repeats // 2))
+    out.append({**base, 'work': 'eot_pgd', 'steps': 10, 'eot_samples': k,
+                'img_per_s': x.shape[0] / t, 'compile_s': c})
   return out
 
 
@@ -245,17 +295,13 @@ def _conv_forms(conv: dict, x: jax.Array, w: jax.Array) -> dict:
   """framework label -> (f(x, w), x, w) for the convolution `conv` in each form timed."""
   dn = ('NHWC', 'HWIO', 'NHWC')
 
-  def project(x, w):
+  def project(x, w, backend='xla'):
     return models.conv_general_dilated(x, w, conv['strides'], conv['padding'],
-                                       dimension_numbers=dn)
+                                       dimension_numbers=dn, backend=backend)
 
   forms = {'jax': (project, x, w)}
   if 'onednn' in _CONV.value or 'auto' in _CONV.value and onednn.available()[0]:
-    def fast(x, w):
-      with models.conv_backend('onednn'):
-        return project(x, w)
-
-    forms['jax-onednn'] = (fast, x, w)
+    forms['jax-onednn'] = (functools.partial(project, backend='onednn'), x, w)
   if _CONV_FORMS.value:
     def nchw(x, w):
       return jax.lax.conv_general_dilated(x, w, conv['strides'], conv['padding'],
@@ -336,10 +382,14 @@ def main(argv):
   for shape_s in _INPUT.value:
     shape = tuple(int(v) for v in shape_s.split('x'))
     for width in (int(w) for w in _WIDTH.value):
+      eot = tuple(int(k) for k in _EOT.value if k)
       records = [r for conv in _CONV.value for r in bench_jax(
-          _ARCH.value, width, shape, _BATCH.value, steps, _DECODER.value, _REPEATS.value, conv)]
+          _ARCH.value, width, shape, _BATCH.value, steps, _DECODER.value, _REPEATS.value, conv,
+          eot)]
       if _COMPARE.value == 'torch':
         records += bench_torch(width, shape, _BATCH.value, steps, _REPEATS.value)
+      if not _JSON.value:
+        print(f'CPU: {cpu_kind()}', flush=True)
       for r in records:
         _emit(r)
       if _OPS.value:
@@ -355,6 +405,11 @@ def main(argv):
           text = [f'attack_step / train_step = {a / jax_by[("train_step", None)]:.2f}']
           text += [f'PGD-{k} x {k} / attack_step = {jax_by[("pgd", k)] * k / a:.2f}'
                    for k in steps]
+          eot_by = {r['eot_samples']: r['img_per_s'] for r in records
+                    if r['work'] == 'eot_pgd' and r['conv'] == conv}
+          if 1 in eot_by:
+            text += [f'EOT-{k} PGD-10 time / ({k} x EOT-1) = {eot_by[1] / (k * v):.2f}'
+                     for k, v in eot_by.items() if k > 1]
           text += [f'{w}{"-" + str(k) if k else ""} / torch = {v / torch_by[(w, k)]:.2f}'
                    for (w, k), v in jax_by.items() if (w, k) in torch_by]
           print(f'      jax/{conv} ratios: ' + '; '.join(text), flush=True)

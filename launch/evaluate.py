@@ -8,12 +8,15 @@ Transfer (adversarials crafted on another trained run, evaluated on this one):
       --config.eval.source_workdir=runs/mnist_plain
 """
 
+import sys
+
 from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
 from defendpp_jax import evaluation
+from defendpp_jax.runs import config as config_lib
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to a config file.',
                                           lock_config=True)
@@ -28,4 +31,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  sys.argv = config_lib.migrate_argv(sys.argv)  # flags of fields that moved keep working
   app.run(main)

@@ -15,8 +15,8 @@ from absl import logging
 
 from configs import quickstart
 from defendpp_jax import evaluation
-from defendpp_jax import reporting
 from defendpp_jax import training
+from defendpp_jax.evaluation import reporting
 
 _WORKDIR = flags.DEFINE_string('workdir', 'runs/quickstart', 'Output directory.')
 _SMOKE = flags.DEFINE_bool('smoke', False, 'Seconds-long version (tests).')

@@ -12,7 +12,7 @@ jax.distributed.initialize() before anything else; every host then reads its sha
 """
 
 import os
-
+import sys
 
 from absl import app
 from absl import logging
@@ -20,6 +20,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from defendpp_jax import training
+from defendpp_jax.runs import config as config_lib
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to a config file.',
                                           lock_config=True)
@@ -40,4 +41,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  sys.argv = config_lib.migrate_argv(sys.argv)  # flags of fields that moved keep working
   app.run(main)

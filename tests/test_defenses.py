@@ -11,9 +11,11 @@ import numpy as np
 import pytest
 
 from configs import quickstart
-from defendpp_jax import defenses
 from defendpp_jax import evaluation
 from defendpp_jax import training
+from defendpp_jax import validate
+from defendpp_jax.defences import comdefend as defenses
+from defendpp_jax.training import recipes
 
 
 def _reformer(width=2):
@@ -59,20 +61,21 @@ def test_white_box_gradient_through_binarisation_is_non_zero():
 def test_reformer_train_step_fits_a_batch():
   config = quickstart.get_config('smoke')
   config.defense.name = 'comdefend'
-  config.defense.learning_rate = 1e-3
-  config.defense.width = 4
+  config.defense.comdefend.learning_rate = 1e-3
+  config.defense.comdefend.width = 4
   ds = type('DS', (), {'image_shape': (12, 12, 1), 'num_classes': 10, 'name': 'digits'})()
-  setup = training.make_setup(config, ds, 1)
-  state = jax.jit(setup.init)(jax.random.key(0))
+  recipe = recipes.make_recipe(config, ds, 1)
+  state = jax.jit(recipe.init)(jax.random.key(0))
   assert state.batch_stats == {}
-  step = jax.jit(setup.step)
+  step = jax.jit(functools.partial(recipes.train_step, recipe=recipe))
+  weights = jnp.asarray(recipe.phase(0)[0])
   # Eight flat grey images of different intensities: 1 bit of code per pixel is enough.
   levels = np.random.default_rng(0).uniform(0.1, 0.9, size=(8, 1, 1, 1))
   x = jnp.asarray(np.broadcast_to(levels, (8, 12, 12, 1)), jnp.float32)
   y = jnp.zeros(8, jnp.int32)
   losses = []
   for i in range(30):
-    state, metrics = step(state, x, y, jnp.ones(2), jax.random.key(i))
+    state, metrics = step(state, x, y, weights, jax.random.key(i))
     losses.append(float(metrics['rec_full']))
   assert set(metrics) == {'loss', 'rec_full', 'code_penalty'}
   assert np.isfinite(losses).all() and np.mean(losses[-5:]) < 0.5 * losses[0]
@@ -125,8 +128,8 @@ def test_grey_box_without_a_reformer_is_an_error():
   config = quickstart.get_config('smoke')
   config.eval.threat_model = 'grey_box'
   with pytest.raises(ValueError, match='config.eval.threat_model'):
-    training.validate_config(config)
+    validate.validate_config(config)
   config.eval.threat_model = 'white_box'
   config.defense.name = 'jpeg'
   with pytest.raises(ValueError, match='config.defense.name'):
-    training.validate_config(config)
+    validate.validate_config(config)

@@ -7,9 +7,13 @@ import numpy as np
 import pytest
 
 from configs import quickstart
+from defendpp_jax import data as data_lib
 from defendpp_jax import evaluation
-from defendpp_jax import reporting
 from defendpp_jax import training
+from defendpp_jax.attacks import specs
+from defendpp_jax.defences import registry
+from defendpp_jax.evaluation import reporting
+from defendpp_jax.evaluation import runner
 
 
 @pytest.fixture(scope='module')
@@ -39,8 +43,11 @@ def test_evaluate_writes_report_and_figures(runs):
   rows = {r['attack']: r for r in saved['rows']}
   assert set(rows) == {'fgsm', 'bim', 'pgd', 'cw_l2', 'ddn', 'apgd'}
   for r in rows.values():
-    for key in ('attack', 'norm', 'eps', 'steps', 'restarts', 'accuracy', 'correct', 'seen'):
+    for key in ('attack', 'norm', 'eps', 'steps', 'restarts', 'accuracy', 'correct', 'seen',
+                'view', 'eot_samples', 'loss'):
       assert key in r
+    assert r['view'] == 'exact' and r['eot_samples'] == 1  # a deterministic, differentiable net
+    assert 'draws' not in r and 'accuracy_worst' not in r
     assert r['seen'] == 40  # the padded examples are not counted
     assert r['accuracy'] == r['correct'] / r['seen']
     assert r['accuracy'] <= saved['clean_accuracy'] + 1e-9
@@ -87,10 +94,10 @@ def test_transfer_and_failed_check_is_flagged(runs):
   assert 'transfer: crafted on resnet18-w4-pyramid' in reporting.markdown_table(only)
   # The second evaluation classified the images the first one crafted (kept in memory); crafting
   # them afresh gives the same counts.
-  assert len(evaluation._CRAFTED) >= 1
-  evaluation._CRAFTED.clear()
+  assert len(runner._CRAFTED) >= 1
+  runner._CRAFTED.clear()
   fresh = evaluation.evaluate(config, workdir, progress=False)
-  assert fresh['rows'] == only['rows'] and len(evaluation._CRAFTED) == 1
+  assert fresh['rows'] == only['rows'] and len(runner._CRAFTED) == 1
   config.eval.source_workdir = ''
   with pytest.raises(ValueError, match='config.eval.source_workdir'):
     evaluation.evaluate(config, workdir, progress=False)
@@ -104,15 +111,15 @@ def test_a_run_is_loaded_only_as_the_classifier_it_trained(runs, tmp_path):
   # Same parameter shapes, different function: refused by name instead of evaluated silently.
   import shutil  # pylint: disable=g-import-not-at-top
   config, workdir = runs['plain']
-  ds = training.dataset_of(config)
+  ds = data_lib.dataset_of(config)
   assert config.model.padding == 'torch'
-  evaluation.load_model(config, workdir, ds)
+  registry.build(config, workdir, ds)
   for path, value in (('model.padding', 'same'), ('data.name', 'mnist')):
     other = config.copy_and_resolve_references()
     section, field = path.split('.')
     other[section][field] = value
     with pytest.raises(ValueError, match=rf'config\.{path}=.*pass --config\.{path}='):
-      evaluation.load_model(other, workdir, ds)
+      registry.build(other, workdir, ds)
   # A run saved before `model.padding` existed was trained with 'SAME' padding.
   old = str(tmp_path / 'old')
   shutil.copytree(workdir, old)
@@ -123,10 +130,10 @@ def test_a_run_is_loaded_only_as_the_classifier_it_trained(runs, tmp_path):
   with open(path, 'w') as f:
     json.dump(summary, f)
   with pytest.raises(ValueError, match=r"config\.model\.padding='same'"):
-    evaluation.load_model(config, old, ds)
+    registry.build(config, old, ds)
   other = config.copy_and_resolve_references()
   other.model.padding = 'same'
-  assert evaluation.load_model(other, old, ds).model.padding == 'same'
+  registry.build(other, old, ds)
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
@@ -135,7 +142,7 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
     evaluation.evaluate(config, str(tmp_path))
   config.eval.attacks = ('fgsm', 'deepfool')
   with pytest.raises(ValueError, match='deepfool'):
-    evaluation.attack_specs(config, 'digits')
+    specs.attack_specs(config.eval, 'digits')
 
 
 def test_progress_without_a_terminal_prints_one_line_per_item(capsys):
@@ -147,13 +154,13 @@ def test_progress_without_a_terminal_prints_one_line_per_item(capsys):
 
 
 def test_crafted_images_are_kept_least_recently_used_first_out(monkeypatch):
-  monkeypatch.setattr(evaluation, '_CRAFTED', {})
-  monkeypatch.setattr(evaluation, 'CRAFTED_MAX_BYTES', 2 * 400)
+  monkeypatch.setattr(runner, '_CRAFTED', {})
+  monkeypatch.setattr(runner, 'CRAFTED_MAX_BYTES', 2 * 400)
   batch = lambda: np.zeros((100,), np.float32)  # 400 bytes
-  evaluation._crafted_batches('a').append(batch())
-  evaluation._crafted_batches('b').append(batch())
-  assert evaluation._crafted_batches('a') and list(evaluation._CRAFTED) == ['b', 'a']  # a hit
-  evaluation._crafted_batches('c').append(batch())  # 800 bytes kept: nothing evicted yet
-  assert list(evaluation._CRAFTED) == ['b', 'a', 'c']
-  assert evaluation._crafted_batches('d') == []  # 1,200 > 800: b goes, then 800 is within
-  assert list(evaluation._CRAFTED) == ['a', 'c', 'd']
+  runner._crafted_batches('a').append(batch())
+  runner._crafted_batches('b').append(batch())
+  assert runner._crafted_batches('a') and list(runner._CRAFTED) == ['b', 'a']  # a hit
+  runner._crafted_batches('c').append(batch())  # 800 bytes kept: nothing evicted yet
+  assert list(runner._CRAFTED) == ['b', 'a', 'c']
+  assert runner._crafted_batches('d') == []  # 1,200 > 800: b goes, then 800 is within
+  assert list(runner._CRAFTED) == ['a', 'c', 'd']

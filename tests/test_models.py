@@ -10,8 +10,10 @@ import numpy as np
 import optax
 import pytest
 
-from defendpp_jax import models
-from defendpp_jax import training
+from defendpp_jax import nn as models
+from defendpp_jax.nn import conv as conv_lib
+from defendpp_jax.runs import config as config_lib
+from defendpp_jax.training import recipes
 
 def _shapes(model, shape, batch=2):
   x = jnp.zeros((batch, *shape))
@@ -71,20 +73,22 @@ def test_classify_is_the_plain_classifier(arch):
 
 
 def _config(shared_blocks, weight_decay=0.0):
-  config = ml_collections.ConfigDict({
-      'model': {'arch': 'resnet18', 'width': 4, 'shared_blocks': shared_blocks,
-                'decoder': 'pyramid', 'num_levels': 0, 'stem': 'auto'},
-      'train': {'learning_rate': 0.1, 'lr_decay_epochs': (), 'lr_decay_factor': 0.1,
-                'momentum': 0.9, 'weight_decay': weight_decay}})
+  config = config_lib.get_base_config()
+  config.model.update(arch='resnet18', width=4, shared_blocks=shared_blocks, decoder='pyramid')
+  config.train.update(learning_rate=0.1, lr_decay_epochs=(), weight_decay=weight_decay,
+                      num_epochs=1)
   return config
+
+
+_DS = type('DS', (), {'image_shape': (28, 28, 1), 'num_classes': 10, 'mean': (0.5,),
+                      'std': (0.5,)})()
 
 
 @pytest.mark.parametrize('shared_blocks', [1, 3])
 def test_shared_blocks_are_one_set_of_weights(shared_blocks):
   config = _config(shared_blocks)
-  model = models.build_model(config.model, 10, (28, 28, 1))
-  tx, _ = training.make_optimizer(config, steps_per_epoch=1)
-  state = jax.jit(functools.partial(training.init_state, model, tx))(jax.random.key(0))
+  recipe = recipes.make_recipe(config, _DS, 1)
+  state = jax.jit(recipe.init)(jax.random.key(0))
   # AE-owned copies start equal to the classifier's blocks, but are separate parameters.
   for k in range(shared_blocks, 4):
     chex.assert_trees_all_equal(state.params[f'ae_E{k}'], state.params['classifier'][f'E{k}'])
@@ -92,8 +96,7 @@ def test_shared_blocks_are_one_set_of_weights(shared_blocks):
     assert f'ae_E{k}' not in state.params
   x = jax.random.uniform(jax.random.key(1), (4, 28, 28, 1))
   y = jnp.arange(4) % 10
-  step = jax.jit(functools.partial(training.train_step, model=model, tx=tx, targets='dct',
-                                   lambda_ms=0.01, full_scale_weight=1.0))
+  step = jax.jit(functools.partial(recipes.train_step, recipe=recipe))
   before = state.params
   # Reconstruction loss only (weights = (w_ce, w_rec) = (0, 1)).
   after, _ = step(state, x, y, jnp.asarray([0.0, 1.0]), jax.random.key(2))
@@ -147,10 +150,11 @@ def test_strided_windows_sit_on_the_projection_pixels_with_torch_padding(size):
   centre = {'params': {'kernel': jnp.zeros((3, 3, 1, 1)).at[1, 1].set(1.0)}}
   proj = x[:, ::2, ::2]
   for padding, expected in (('torch', proj), ('same', x[:, 1::2, 1::2] if size % 2 == 0 else proj)):
-    conv = models._conv(1, 3, 2, padding=padding)
+    conv = conv_lib.make_conv(conv_lib.Conv, 1, 3, 2, padding=padding)
     chex.assert_trees_all_close(conv.apply(centre, x), expected)
   one = {'params': {'kernel': jnp.ones((1, 1, 1, 1))}}
-  chex.assert_trees_all_close(models._conv(1, 1, 2, padding='torch').apply(one, x), proj)
+  proj_conv = conv_lib.make_conv(conv_lib.Conv, 1, 1, 2, padding='torch')
+  chex.assert_trees_all_close(proj_conv.apply(one, x), proj)
 
 
 def test_a_config_saved_before_the_padding_field_builds_the_same_padding_model():

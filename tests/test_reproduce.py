@@ -6,8 +6,9 @@ import os
 
 import pytest
 
-from defendpp_jax import evaluation
 from defendpp_jax import reproduce
+from defendpp_jax.reproduce import runner as reproduce_runner
+from defendpp_jax.runs import config as config_lib
 
 from conftest import SHARED_DATA
 
@@ -62,25 +63,25 @@ def test_saved_configs_without_later_fields_still_match():
   # A model trained before a config field existed behaved as that field's default: it is
   # reused; a saved config that differs in any value is not.
   config = reproduce.model_config('mnist', 'ours', 'cpu', '/tmp/r', '')
-  saved = evaluation.as_saved_json(config)
-  assert reproduce._same_config(saved, config)
+  saved = config_lib.as_saved_json(config)
+  assert reproduce_runner._same_config(saved, config)
   del saved['train']['init_from']          # default '' -> still the same run
-  assert reproduce._same_config(saved, config)
+  assert reproduce_runner._same_config(saved, config)
   config.train.init_from = '/elsewhere'    # not the default -> a different run
-  assert not reproduce._same_config(saved, config)
+  assert not reproduce_runner._same_config(saved, config)
   config.train.init_from = ''
   saved['train']['num_epochs'] = 2
-  assert not reproduce._same_config(saved, config)
+  assert not reproduce_runner._same_config(saved, config)
   # Runs from before `model.padding` used 'SAME': the cpu budget (which pins it) reuses them,
   # a budget with PyTorch's padding does not.
   config = reproduce.model_config('mnist', 'ours', 'cpu', '/tmp/r', '')
-  saved = evaluation.as_saved_json(config)
+  saved = config_lib.as_saved_json(config)
   del saved['model']['padding']
-  assert config.model.padding == 'same' and reproduce._same_config(saved, config)
+  assert config.model.padding == 'same' and reproduce_runner._same_config(saved, config)
   config = reproduce.model_config('mnist', 'ours', 'paper', '/tmp/r', '')
-  saved = evaluation.as_saved_json(config)
+  saved = config_lib.as_saved_json(config)
   del saved['model']['padding']
-  assert config.model.padding == 'torch' and not reproduce._same_config(saved, config)
+  assert config.model.padding == 'torch' and not reproduce_runner._same_config(saved, config)
 
 
 def test_a_preempted_training_stops_the_table(tmp_path, monkeypatch):
@@ -92,7 +93,7 @@ def test_a_preempted_training_stops_the_table(tmp_path, monkeypatch):
     trained.append(workdir)
     return {'step': 3, 'preempted': True}
 
-  monkeypatch.setattr(reproduce.training, 'train_and_evaluate', fake_train)
+  monkeypatch.setattr(reproduce_runner.training, 'train_and_evaluate', fake_train)
   with pytest.raises(reproduce.Preempted, match='step 3'):
     reproduce.run_table('2', str(tmp_path), 'smoke', {'mnist': ''})
   assert len(trained) == 1

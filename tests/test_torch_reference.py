@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from defendpp_jax import models
+from defendpp_jax import nn as models
 
 torch = pytest.importorskip('torch')
 from launch import torch_resnet  # pylint: disable=g-import-not-at-top,wrong-import-position

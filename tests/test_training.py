@@ -11,29 +11,47 @@ import numpy as np
 import pytest
 
 from configs import quickstart
-from defendpp_jax import checkpointing
-from defendpp_jax import models
+from defendpp_jax import data as data_lib
+from defendpp_jax import parallel
 from defendpp_jax import training
+from defendpp_jax import validate
+from defendpp_jax.defences import registry
+from defendpp_jax.evaluation import runner
+from defendpp_jax.runs import checkpointing
+from defendpp_jax.runs import saved as saved_runs
+from defendpp_jax.training import batch_norm
+from defendpp_jax.training import objectives
+from defendpp_jax.training import optim
+from defendpp_jax.training import recipes
+
+_DIGITS = type('DS', (), {'image_shape': (28, 28, 1), 'num_classes': 10, 'name': 'digits',
+                          'mean': (0.5,), 'std': (0.5,)})()
+
+
+def _recipe(config):
+  return recipes.make_recipe(config, _DIGITS, 4)
 
 
 def _tiny(decoder='pyramid', **train):
   config = quickstart.get_config('smoke')
   config.model.decoder = decoder
   config.train.update(train)
-  model = models.build_model(config.model, 10, (28, 28, 1))
-  tx, _ = training.make_optimizer(config, steps_per_epoch=4)
-  state = jax.jit(functools.partial(training.init_state, model, tx))(jax.random.key(0))
-  return config, model, tx, state
+  recipe = _recipe(config)
+  state = jax.jit(recipe.init)(jax.random.key(0))
+  return config, recipe, state
+
+
+def _step(recipe):
+  return functools.partial(recipes.train_step, recipe=recipe)
 
 
 def test_train_step_compiles_once_and_learns():
-  config, model, tx, state = _tiny()
+  config, recipe, state = _tiny()
 
   @jax.jit
   @chex.assert_max_traces(n=1)
   def step(state, x, y, weights, key):
-    return training.train_step(state, x, y, weights, key, model=model, tx=tx, targets='dct',
-                               lambda_ms=0.01, full_scale_weight=1.0)
+    return recipes.train_step(state, x, y, weights, key, recipe=recipe)
 
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.uniform(size=(16, 28, 28, 1)), jnp.float32)
@@ -64,8 +82,8 @@ def test_config_errors_name_the_field():
     section, name = field.split('.')
     bad[section][name] = value
     with pytest.raises(ValueError, match=match):
-      training.validate_config(bad)
-  training.validate_config(config)
+      validate.validate_config(bad)
+  validate.validate_config(config)
   with pytest.raises(ValueError, match='smoke'):
     quickstart.get_config('smok')
 
@@ -74,15 +92,15 @@ def test_step_decay_is_rescaled_to_the_run_length():
   from configs import mnist  # pylint: disable=g-import-not-at-top
   config = mnist.get_config()
   config.train.lr_schedule_epochs = 250  # the decay epochs (100, 200) are those of 250 epochs
-  _, paper = training.make_optimizer(config, steps_per_epoch=10)  # 250 epochs: the paper's
+  _, paper = optim.sgd_step_decay(config.train, steps_per_epoch=10)  # 250 epochs: the paper's
   assert [float(paper(s)) for s in (999, 1000, 1999, 2000)] == pytest.approx(
       [0.01, 0.001, 0.001, 0.0001])
   config.train.num_epochs = 1  # the same schedule shrunk to one epoch: decays at 40% and 80%
-  _, short = training.make_optimizer(config, steps_per_epoch=100)
+  _, short = optim.sgd_step_decay(config.train, steps_per_epoch=100)
   assert [float(short(s)) for s in (39, 40, 79, 80)] == pytest.approx(
       [0.01, 0.001, 0.001, 0.0001])
   config.train.lr_schedule_epochs = 0  # no rescaling: the decay epochs are never reached
-  _, flat = training.make_optimizer(config, steps_per_epoch=100)
+  _, flat = optim.sgd_step_decay(config.train, steps_per_epoch=100)
   assert float(flat(99)) == pytest.approx(0.01)
 
 
@@ -90,15 +108,16 @@ def test_alternating_schedule_phases():
   config = quickstart.get_config('smoke')
   config.train.schedule = 'alternating'
   config.train.alternating.update(ae_epochs=2, cls_epochs=1, cycles=2)
-  phases = [training.phase_weights(config, e)[2] for e in range(8)]
+  phases = [recipes.classifier_phase(config, e)[1] for e in range(8)]
   assert phases == ['ae', 'ae', 'classifier', 'ae', 'ae', 'classifier', 'joint', 'joint']
-  assert training.phase_weights(config, 0)[:2] == (0.0, 1.0)
+  assert recipes.classifier_phase(config, 0)[0] == (0.0, 1.0)
+  assert _recipe(config).term_names == ('ce', 'reconstruction')
   config.model.decoder = 'none'
-  assert training.phase_weights(config, 0)[:2] == (1.0, 0.0)
+  assert recipes.classifier_phase(config, 0)[0] == (1.0, 0.0)
 
 
 def test_checkpoint_round_trip_and_truncated_fallback(tmp_path, capsys):
-  _, _, _, state = _tiny()
+  _, _, state = _tiny()
   ckpt = checkpointing.Checkpointer(str(tmp_path), max_to_keep=3, async_save=False)
   ckpt.save(1, state, meta={'epoch': 0})
   later = state.replace(step=state.step + 1,
@@ -142,11 +161,10 @@ def test_train_and_evaluate_end_to_end_and_resume(tmp_path):
   # BatchNorm statistics re-estimated on the 4 batches an epoch holds (40 asked), and saved: the
   # final checkpoint classifies the test set exactly as the summary says.
   assert saved['bn_statistics'] == 'precise (4 batches)'
-  from defendpp_jax import evaluation  # pylint: disable=g-import-not-at-top
-  ds = training.dataset_of(config)
-  loaded = evaluation.load_model(config, workdir, ds)
-  assert training.evaluate_clean(loaded.apply_logits, loaded.variables, ds.test_images,
-                                 ds.test_labels, 32) == (saved['correct'], saved['seen'])
+  ds = data_lib.dataset_of(config)
+  loaded = registry.build(config, workdir, ds)
+  assert runner.clean_counts(loaded, ds.test_images, ds.test_labels, 32) == (
+      saved['correct'], saved['seen'])
   # The same command again resumes from the final checkpoint and changes nothing.
   again = training.train_and_evaluate(config, workdir)
   assert again['params_sha256'] == summary['params_sha256']
@@ -164,11 +182,12 @@ def test_precise_bn_statistics_average_each_batch_statistics():
   # Known answer: every BatchNorm's statistics = the mean over the batches of that batch's
   # per-channel mean and (biased) variance of the BatchNorm's input, with the given weights.
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
-  _, model, _, state = _tiny(decoder='pyramid')
+  _, recipe, state = _tiny(decoder='pyramid')
+  model = recipe.model
   rng = np.random.default_rng(0)
   batches = [(rng.uniform(size=(8, 28, 28, 1)).astype(np.float32), None) for _ in range(3)]
-  stats, n = training.precise_batch_stats(state, model, iter(batches), training.make_mesh(),
-                                          jax.random.key(0))
+  stats, n = batch_norm.precise_batch_stats(state, model, iter(batches), parallel.make_mesh(),
+                                            jax.random.key(0))
   assert n == 3
   taps = {('E0', 'stem'): ('E0', 'stem_bn'), ('E3', 'block1', 'Conv_1'):
           ('E3', 'block1', 'BatchNorm_1'), ('E2', 'block0', 'proj'): ('E2', 'block0', 'proj_bn')}
@@ -210,7 +229,8 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
 
 @pytest.mark.parametrize('adversarial', ['fgsm', 'pgd', 'ddn'])
 def test_adversarial_training_uses_adversarial_inputs(adversarial):
-  config, model, tx, state = _tiny(decoder='none')
+  config, recipe, state = _tiny(decoder='none')
+  model = recipe.model
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.uniform(0.2, 0.8, size=(8, 28, 28, 1)), jnp.float32)
   # Labels = the model's own predictions, so that every example starts correctly classified
@@ -220,7 +240,7 @@ def test_adversarial_training_uses_adversarial_inputs(adversarial):
   # eps = 0.01 and falls beyond it (a sign step of 0.1 overshoots the linear regime).
   eps = 0.01
   kwargs = dict(model=model, adversarial=adversarial, eps=eps, steps=3, max_norm=1.0)
-  x_adv = jax.jit(functools.partial(training.craft_adversarial, **kwargs))(
+  x_adv = jax.jit(functools.partial(objectives.craft_adversarial, **kwargs))(
       state, x, y, jax.random.key(0))
   delta = np.asarray(x_adv - x)
   assert np.abs(delta).max() > 0
@@ -228,23 +248,19 @@ def test_adversarial_training_uses_adversarial_inputs(adversarial):
     assert np.sqrt((delta ** 2).sum(axis=(1, 2, 3))).max() <= 1.0 + 1e-4
   else:
     assert np.abs(delta).max() <= eps + 1e-6
-  step = jax.jit(functools.partial(
-      training.train_step, model=model, tx=tx, targets='dct', lambda_ms=0.01,
-      full_scale_weight=1.0, adversarial=adversarial, adv_eps=eps, adv_steps=3,
-      adv_max_norm=1.0))
+  adv_config = config.copy_and_resolve_references()
+  adv_config.train.update(adversarial=adversarial, adv_eps=eps, adv_steps=3, adv_max_norm=1.0)
+  step = jax.jit(_step(_recipe(adv_config)))
   _, metrics = step(state, x, y, jnp.ones(2), jax.random.key(0))
   # The training loss is the CE of the crafted inputs (FGSM: averaged with the clean CE), which
   # is higher than the clean CE of the same parameters.
   assert float(metrics['ce']) > float(metrics['clean_ce'])
-  clean_step = jax.jit(functools.partial(
-      training.train_step, model=model, tx=tx, targets='dct', lambda_ms=0.01,
-      full_scale_weight=1.0))
+  clean_step = jax.jit(_step(recipe))
   _, clean_metrics = clean_step(state, x, y, jnp.ones(2), jax.random.key(0))
   np.testing.assert_allclose(float(clean_metrics['ce']), float(metrics['clean_ce']), rtol=1e-5)
 
 
 def test_init_from_starts_from_a_trained_classifier(tmp_path):
-  from defendpp_jax import evaluation  # pylint: disable=g-import-not-at-top
   plain = quickstart.get_config('smoke')
   plain.model.decoder = 'none'
   src_dir = str(tmp_path / 'plain')
@@ -253,11 +269,11 @@ def test_init_from_starts_from_a_trained_classifier(tmp_path):
   config = quickstart.get_config('smoke')
   config.model.shared_blocks = 2  # so that the AE owns copies of blocks E_2, E_3
   config.train.init_from = src_dir
-  ds = training.dataset_of(config)
-  setup = training.make_setup(config, ds, 4)
+  ds = data_lib.dataset_of(config)
+  setup = recipes.make_recipe(config, ds, 4)
   state = jax.jit(setup.init)(jax.random.key(1))
-  warm = training.warm_start(state, config, ds, setup.tx)
-  want = evaluation.load_model(evaluation.config_of_run(src_dir), src_dir, ds).variables
+  warm = training.warm_start(state, config, setup.tx)
+  want = registry.build(saved_runs.config_of_run(src_dir), src_dir, ds).variables
   chex.assert_trees_all_equal(warm.params['classifier'], want['params']['classifier'])
   chex.assert_trees_all_equal(warm.batch_stats['classifier'], want['batch_stats']['classifier'])
   owned = [n for n in warm.params if n.startswith('ae_E')]
@@ -274,8 +290,8 @@ def test_init_from_starts_from_a_trained_classifier(tmp_path):
   # A different classifier is refused, naming the field.
   config.model.width = 8
   with pytest.raises(ValueError, match=r'config\.model\.width'):
-    training.warm_start(state, config, ds, setup.tx)
+    training.warm_start(state, config, setup.tx)
   config.model.width = plain.model.width
   config.model.padding = 'same'  # same parameter shapes, another function
   with pytest.raises(ValueError, match=r'config\.model\.padding'):
-    training.warm_start(state, config, ds, setup.tx)
+    training.warm_start(state, config, setup.tx)

@@ -12,7 +12,7 @@ exposes them as functions of jax arrays:
   dw = conv_bwd_weights(x, g, w_shape, strides, padding) # kernel gradient
 
 `padding` is ((top, bottom), (left, right)). `available()` says whether the library could be
-built and loaded, and if not, why. `models.conv_general_dilated` routes through these when the
+built and loaded, and if not, why. `nn.conv.conv_general_dilated` routes through these when the
 model's `conv` is 'onednn' (or 'auto' on a single CPU device with the library available).
 """
 

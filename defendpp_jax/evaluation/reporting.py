@@ -7,7 +7,6 @@ Usage:
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -15,8 +14,8 @@ from typing import Any, Iterable
 
 import numpy as np
 
-TABLE_COLUMNS = (('fgsm', 'FGSM'), ('bim', 'BIM'), ('pgd', 'PGD'), ('cw_l2', 'C&W'),
-                 ('ddn', 'DDN'), ('apgd', 'APGD'), ('apgd_dlr', 'APGD-DLR'))
+from defendpp_jax import files
+from defendpp_jax.attacks.specs import COLUMNS as TABLE_COLUMNS
 
 
 def progress(iterable: Iterable, total: int, desc: str, enabled: bool = True) -> Iterable:
@@ -52,14 +51,27 @@ def _steps(row: dict[str, Any]) -> str:
   return f'{row["steps"]} step{"s" if row["steps"] != 1 else ""}'
 
 
+def _view(row: dict[str, Any]) -> str:
+  """', loss ce, exact view' (+ ' (EOT 10)', ', mean of 5 draws (worst 12.30%)')."""
+  if 'view' not in row:  # a report written before views existed: exact gradients
+    return ''
+  s = f', loss {row["loss"]}, {row["view"]} view'
+  if row.get('eot_samples', 1) > 1:
+    s += f' (EOT {row["eot_samples"]})'
+  if row.get('draws', 1) > 1:
+    s += f', mean of {row["draws"]} draws (worst {_pct(row["accuracy_worst"])}%)'
+  return s
+
+
 def settings_text(row: dict[str, Any], results: bool = True) -> str:
-  """An attack's settings; `results` adds a minimal-norm attack's median L2 / accuracy at L2."""
+  """An attack's settings (loss, view, EOT, draws); `results` adds a minimal-norm attack's
+  median L2 / accuracy at L2."""
   if row['eps'] is not None:
     s = f'{row["norm"]} eps={row["eps"]:g}, {_steps(row)}'
     if row.get('restarts', 1) > 1:
       s += f' x {row["restarts"]} restarts'
-    return s
-  s = f'{row["norm"]} minimal-norm, {_steps(row)}'
+    return s + _view(row)
+  s = f'{row["norm"]} minimal-norm, {_steps(row)}' + _view(row)
   if not results:
     return s
   s += '; median L2 '
@@ -74,6 +86,8 @@ def markdown_table(report: dict[str, Any], title: str | None = None) -> str:
   crafted = {'grey_box': ', grey-box: crafted on the classifier behind the reformer',
              'transfer': f', transfer: crafted on {report.get("crafted_on")}'}.get(
                  report.get('threat_model'), '')
+  if report.get('draws', 1) > 1:
+    crafted += f'; randomised defence: accuracies are means over {report["draws"]} draws'
   lines = [f'### {title or report["model"]} ({report["dataset"]}, {report["num_examples"]} '
            f'test images, step {report["step"]}{crafted})', '']
   header = [label for key, label in TABLE_COLUMNS if key in rows] + ['Clean']
@@ -95,9 +109,10 @@ def markdown_table(report: dict[str, Any], title: str | None = None) -> str:
             else '**SANITY CHECK FAILED — these numbers are not trustworthy:**', '']
   for c in report['sanity_checks']:
     mark = 'ok' if c['passed'] else '**FAILED**'
-    expected = c['expected']
+    expected, value = c['expected'], c['value']
     expected = f'{expected:.4f}' if isinstance(expected, float) else expected
-    lines.append(f'- [{mark}] {c["name"]}: {c["value"]:.4f} (expected {expected})')
+    value = f'{value:.4f}' if isinstance(value, (int, float)) else value
+    lines.append(f'- [{mark}] {c["name"]}: {value} (expected {expected})')
   return '\n'.join(lines) + '\n'
 
 
@@ -115,26 +130,8 @@ def write_report(report: dict[str, Any], workdir: str) -> None:
   if rec:
     out['reconstruction'] = {k: v for k, v in rec.items() if k != 'images'}
   out['figures'] = [os.path.basename(f) for f in figures]
-  _atomic_write(os.path.join(workdir, 'robustness.json'),
-                json.dumps(out, indent=2, default=_default))
-  _atomic_write(os.path.join(workdir, 'robustness.md'), markdown_table(report))
-
-
-def _default(obj):
-  if isinstance(obj, (np.integer, np.floating)):
-    return obj.item()
-  if isinstance(obj, np.ndarray):
-    return obj.tolist()
-  if isinstance(obj, tuple):
-    return list(obj)
-  return str(obj)
-
-
-def _atomic_write(path: str, text: str) -> None:
-  tmp = f'{path}.tmp{os.getpid()}'
-  with open(tmp, 'w') as f:
-    f.write(text)
-  os.replace(tmp, path)
+  files.write_json(os.path.join(workdir, 'robustness.json'), out)
+  files.write_text(os.path.join(workdir, 'robustness.md'), markdown_table(report))
 
 
 def _pyplot():

@@ -2,8 +2,9 @@
 
 Usage:
   ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'), max_to_keep=3)
-  state, step = ckpt.restore_latest(abstract_state)   # (None, None) when there is none
+  state, meta = ckpt.restore_latest(abstract_state)   # (None, None) when there is none
   ckpt.save(step, state, meta={'epoch': 3}); ckpt.close()
+  state, meta = ckpt.restore_latest_saved(sharding)   # as saved, without its structure
 
 Orbax writes each step to a temporary directory and renames it when complete, so a run killed
 mid-save never leaves a half-written step behind under its final name. A finalised step that is
@@ -29,8 +30,10 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save,
         cleanup_tmp_directories=True)
-    self._manager = ocp.CheckpointManager(self.directory, options=options,
-                                          item_names=('state', 'meta'))
+    self._manager = ocp.CheckpointManager(
+        self.directory, options=options, item_names=('state', 'meta'),
+        item_handlers={'state': ocp.StandardCheckpointHandler(),
+                       'meta': ocp.JsonCheckpointHandler()})
 
   def all_steps(self) -> list[int]:
     self._manager.reload()
@@ -40,11 +43,10 @@ class Checkpointer:
     steps = self.all_steps()
     return steps[-1] if steps else None
 
-  def save(self, step: int, state: Any, meta: dict[str, Any] | None = None,
-           force: bool = True) -> None:
+  def save(self, step: int, state: Any, meta: dict[str, Any] | None = None) -> None:
     """Saves `state` (any pytree of arrays) at `step`; asynchronous when enabled."""
     self._manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta or {})), force=force)
+        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta or {})), force=True)
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
     """Restores `step` into the structure, dtypes and shardings of `abstract_state`."""
@@ -58,10 +60,20 @@ class Checkpointer:
       try:
         return self.restore(step, abstract_state)
       except Exception as e:  # pylint: disable=broad-except
-        logging.warning('checkpoint %s is unreadable (%s: %s); trying the previous one',
-                        os.path.join(self.directory, str(step)), type(e).__name__, e)
-        print(f'WARNING: checkpoint {os.path.join(self.directory, str(step))} is unreadable '
-              f'({type(e).__name__}); falling back to the previous one', flush=True)
+        _warn_unreadable(os.path.join(self.directory, str(step)), e)
+    return None, None
+
+  def restore_latest_saved(self, sharding: Any) -> tuple[Any, dict[str, Any] | None]:
+    """The newest readable checkpoint as saved (a dict of arrays, each placed with `sharding`),
+    without knowing its structure in advance; (None, None) when there is none."""
+    for step in reversed(self.all_steps()):
+      try:
+        tree = self._manager.item_metadata(step)['state'].tree
+        abstract = jax.tree_util.tree_map(
+            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), tree)
+        return self.restore(step, abstract)
+      except Exception as e:  # pylint: disable=broad-except
+        _warn_unreadable(os.path.join(self.directory, str(step)), e)
     return None, None
 
   def wait(self) -> None:
@@ -70,6 +82,13 @@ class Checkpointer:
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+def _warn_unreadable(path: str, e: Exception) -> None:
+  logging.warning('checkpoint %s is unreadable (%s: %s); trying the previous one', path,
+                  type(e).__name__, e)
+  print(f'WARNING: checkpoint {path} is unreadable ({type(e).__name__}); falling back to the '
+        'previous one', flush=True)
 
 
 def abstract_like(tree: Any) -> Any:

@@ -1,0 +1,140 @@
+"""The `Defence` interface: a deployed pipeline and the views an attacker can take of it.
+
+Usage:
+  defence = Defence('plain', apply=lambda v, x, key, bpda: net.apply(v, x), variables=v)
+  logits = defence.logits(defence.variables, x, key)      # the deployed function
+  model = defence.attack_model('auto', eot_samples=10)    # what an attack differentiates
+  jpeg_then_net = preprocess(Preprocessor('jpeg', ...), defence)
+
+`apply(variables, x, key, bpda)` is pure and in inference mode; `key` feeds the randomness of a
+randomised defence (ignored otherwise); with `bpda=True` every non-differentiable step runs its
+differentiable stand-in in the backward pass (values unchanged: y = stand_in(x) +
+stop_gradient(step(x) - stand_in(x)), or a straight-through estimator written in the step).
+The steps and their stand-ins are declared in `stand_ins`, so reports can name them.
+
+Views (`config.eval.view`):
+  exact      gradients of the deployed function as it is (zero through a hard quantiser)
+  bpda       each non-differentiable step replaced by its stand-in in the backward pass
+  eot        gradients and losses averaged over k draws of the randomness
+  bpda+eot   both
+  oblivious  the classifier behind the pre-processors (the attacker ignores them: grey-box)
+  auto       the strongest the defence declares: bpda+eot / bpda / eot / exact
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+
+from defendpp_jax.attacks import core as attack_core
+from defendpp_jax.attacks.specs import VIEWS
+
+ApplyFn = Callable[[Any, jax.Array, Any, bool], jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class Defence:
+  """A deployed model and what an attacker can know of it.
+
+  Attributes:
+    name: a short name for reports (e.g. 'resnet18-w16-pyramid', 'comdefend-w2').
+    apply: (variables, x, key, bpda) -> logits, pure, inference mode, x in [0, 1].
+    variables: the trained variables `apply` takes.
+    randomised: whether `apply` consumes its key (the same input gives different logits).
+    stand_ins: (non-differentiable step, its differentiable stand-in) pairs, in pipeline order.
+    behind: the classifier behind a pre-processor: what an oblivious attacker attacks.
+    diagnostics: optional (defence, images, labels, eps, batch_size) -> dict of
+      defence-specific analyses (Defend++: reconstructions and the R histogram).
+  """
+  name: str
+  apply: ApplyFn
+  variables: Any
+  randomised: bool = False
+  stand_ins: tuple[tuple[str, str], ...] = ()
+  behind: 'Defence | None' = None
+  diagnostics: Callable[..., dict[str, Any]] | None = None
+
+  def logits(self, variables: Any, x: jax.Array, key: jax.Array | None = None) -> jax.Array:
+    """The deployed function: logits of x (key: the draw of a randomised defence)."""
+    return self.apply(variables, x, key, False)
+
+  @property
+  def default_view(self) -> str:
+    """The strongest view this defence declares (what config.eval.view='auto' resolves to)."""
+    if self.stand_ins and self.randomised:
+      return 'bpda+eot'
+    if self.stand_ins:
+      return 'bpda'
+    return 'eot' if self.randomised else 'exact'
+
+  def resolve_view(self, view: str) -> str:
+    """`view` checked against what this defence has ('auto' -> `default_view`)."""
+    if view not in VIEWS:
+      raise ValueError(f'config.eval.view={view!r} is not one of {VIEWS}')
+    if view == 'auto':
+      return self.default_view
+    if 'eot' in view and not self.randomised:
+      raise ValueError(f'config.eval.view={view!r}: {self.name} is deterministic, there is no '
+                       'randomness to average (use exact, bpda or auto)')
+    if view == 'oblivious' and self.behind is None:
+      raise ValueError(f'config.eval.view=oblivious: {self.name} has no pre-processor to be '
+                       'oblivious of (it is a classifier)')
+    return view
+
+  def attack_model(self, view: str = 'auto', eot_samples: int = 10, eot_chunk: int = 10,
+                   variables: Any = None) -> attack_core.AttackModel:
+    """What an attack with this view differentiates (variables: default `self.variables`)."""
+    view = self.resolve_view(view)
+    variables = self.variables if variables is None else variables
+    if view == 'oblivious':
+      behind = self.behind
+      return behind.attack_model('auto', eot_samples, eot_chunk, variables['classifier'])
+    bpda = 'bpda' in view
+    k = eot_samples if 'eot' in view else 1
+    if k < 1:
+      raise ValueError(f'config.eval.eot_samples must be >= 1, got {eot_samples}')
+    return attack_core.AttackModel(
+        lambda x, key: self.apply(variables, x, key, bpda), eot_samples=k, eot_chunk=eot_chunk,
+        randomised=self.randomised)
+
+  def view_settings(self, view: str, eot_samples: int) -> dict[str, Any]:
+    """{'view', 'eot_samples'} as an attack with `view` runs (for reports)."""
+    view = self.resolve_view(view)
+    if view == 'oblivious':
+      inner = self.behind.view_settings('auto', eot_samples)
+      return {'view': 'oblivious', 'eot_samples': inner['eot_samples']}
+    return {'view': view, 'eot_samples': eot_samples if 'eot' in view else 1}
+
+
+@dataclasses.dataclass(frozen=True)
+class Preprocessor:
+  """An input transformation in front of a classifier: (variables, x, key, bpda) -> x'."""
+  name: str
+  apply: ApplyFn
+  variables: Any = None
+  randomised: bool = False
+  stand_ins: tuple[tuple[str, str], ...] = ()
+
+
+def preprocess(pre: Preprocessor, classifier: Defence, name: str | None = None) -> Defence:
+  """The defence `classifier(pre(x))`; variables {'preprocessor': ..., 'classifier': ...}."""
+  both_random = pre.randomised and classifier.randomised
+
+  def apply(variables, x, key, bpda):
+    k_pre = k_cls = key
+    if key is not None and both_random:
+      k_pre, k_cls = jax.random.split(key)
+    cleaned = pre.apply(variables['preprocessor'], x, k_pre, bpda)
+    return classifier.apply(variables['classifier'], cleaned, k_cls, bpda)
+
+  return Defence(name or f'{pre.name}+{classifier.name}', apply,
+                 {'preprocessor': pre.variables, 'classifier': classifier.variables},
+                 randomised=pre.randomised or classifier.randomised,
+                 stand_ins=pre.stand_ins + classifier.stand_ins, behind=classifier)
+
+
+def straight_through(hard: jax.Array, soft: jax.Array) -> jax.Array:
+  """`hard`'s values with `soft`'s gradient (BPDA with the stand-in `soft`)."""
+  return soft + jax.lax.stop_gradient(hard - soft)

@@ -1,0 +1,178 @@
+"""Robustness evaluation: every configured attack on a deployed defence, counted exactly.
+
+Usage:
+  report = evaluate(config, workdir)          # a trained run; writes robustness.{json,md}, figures
+  report = evaluate_defence(defence, images, labels, attacks=('fgsm', 'pgd(steps=40)'), eps=0.3)
+
+Accuracies are integer counts of correct predictions over examples seen, never averages of batch
+means. Every row states its attack's settings, the attacker's view (exact / BPDA / EOT /
+oblivious) and loss; the sanity and gradient checks that reveal gradient masking or a broken
+attack are computed and written with every table.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+import jax
+import ml_collections
+import numpy as np
+
+from defendpp_jax import data as data_lib
+from defendpp_jax import nn as dnn
+from defendpp_jax import parallel
+from defendpp_jax import protocol
+from defendpp_jax import validate
+from defendpp_jax.attacks import specs as specs_lib
+from defendpp_jax.defences import registry
+from defendpp_jax.defences.base import Defence
+from defendpp_jax.evaluation import diagnostics
+from defendpp_jax.evaluation import reporting
+from defendpp_jax.evaluation import runner
+from defendpp_jax.runs import config as config_lib
+from defendpp_jax.runs import saved
+
+
+def _clean(defence: Defence, images, labels, batch_size, key, draws) -> tuple[int, int, float]:
+  """(correct summed over draws, seen summed over draws, worst draw's accuracy)."""
+  draws = draws if defence.randomised else 1
+  per_draw = [int(runner.clean_predictions(defence, images, labels, batch_size,
+                                           runner.draw_key(key, r, draws)).sum())
+              for r in range(draws)]
+  return sum(per_draw), draws * len(labels), min(per_draw) / len(labels)
+
+
+def run_entries(defence: Defence, images: np.ndarray, labels: np.ndarray,
+                specs: Sequence[specs_lib.AttackSpec], *, batch_size: int, key: jax.Array,
+                view: str, eot_samples: int, eot_chunk: int, draws: int,
+                source: Defence | None = None, thresholds=(), progress: bool = True,
+                transfer_from: Defence | None = None) -> dict[str, Any]:
+  """The rows, transfer rows and checks of one evaluation of `defence` (no files written)."""
+  n = len(labels)
+  correct, seen, worst = _clean(defence, images, labels, batch_size, key, draws)
+  clean_acc = correct / seen
+  common = dict(view=view, eot_samples=eot_samples, eot_chunk=eot_chunk, draws=draws,
+                progress=progress)
+  results = {s.key: runner.run_attack(s, defence, images, labels, batch_size, key,
+                                      source=source, **common) for s in specs}
+  transfer = {}
+  if transfer_from is not None:
+    transfer = {s.key: runner.run_attack(s, defence, images, labels, batch_size, key,
+                                         source=transfer_from, **common) for s in specs}
+  checks = diagnostics.sanity_checks(defence, images, labels, clean_acc, results, batch_size,
+                                     key, transfer, view=view, eot_samples=eot_samples,
+                                     eot_chunk=eot_chunk, draws=draws)
+  if source is None:  # the gradients attacked are the defence's own
+    checks += diagnostics.gradient_checks(defence, images, labels, results, key, view,
+                                          eot_samples, eot_chunk)
+  out = {'num_examples': n, 'clean_accuracy': clean_acc, 'clean_correct': correct,
+         'randomised': defence.randomised,
+         'stand_ins': [list(s) for s in defence.stand_ins],
+         'rows': [runner.result_row(r, thresholds) for r in results.values()],
+         'transfer_rows': [runner.result_row(r, thresholds) for r in transfer.values()],
+         'sanity_checks': checks, 'sanity_checks_passed': all(c['passed'] for c in checks)}
+  if defence.randomised and draws > 1:
+    out.update(draws=draws, clean_accuracy_worst=worst)
+  return out
+
+
+def evaluate_defence(defence: Defence, images: np.ndarray, labels: np.ndarray,
+                     attacks: Sequence[str] = ('fgsm', 'pgd', 'apgd', 'apgd_dlr'), *,
+                     dataset: str = 'mnist', eps: float = 0.0, view: str = 'auto',
+                     eot_samples: int = 10, eot_chunk: int = 10, draws: int = 1,
+                     batch_size: int = 500, seed: int = 0, progress: bool = False,
+                     **eval_fields) -> dict[str, Any]:
+  """Attacks any Defence on (images, labels) and returns the report as a dict.
+
+  `attacks` are entries as in config.eval.attacks; their defaults come from config.eval's
+  fields (override any with keyword arguments, e.g. pgd_steps=40); `eps` 0 = `dataset`'s.
+  """
+  data_lib.check_pixels(np.asarray(images), 'images')
+  ec = config_lib.get_base_config().eval
+  ec.update({'attacks': tuple(attacks), 'eps': eps, **eval_fields})
+  specs = specs_lib.attack_specs(ec, dataset)
+  report = run_entries(defence, np.asarray(images, np.float32), np.asarray(labels, np.int32),
+                       specs, batch_size=batch_size, key=jax.random.key(seed), view=view,
+                       eot_samples=eot_samples, eot_chunk=eot_chunk, draws=draws,
+                       thresholds=protocol.l2_thresholds(dataset), progress=progress)
+  return {'model': defence.name, 'dataset': dataset, 'step': None, **report}
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: str, progress: bool = True,
+             out_dir: str | None = None) -> dict[str, Any]:
+  """Evaluates the latest checkpoint of `workdir`; writes robustness.json / .md and figures.
+
+  The files go to `out_dir` (default: `workdir`), so that one model can be evaluated under
+  several settings (threat models, attack budgets) side by side.
+  """
+  validate.validate_config(config)
+  ds = data_lib.dataset_of(config)
+  ec = config.eval
+  n = ec.num_examples or len(ds.test_labels)
+  images, labels = ds.test_images[:n], ds.test_labels[:n]
+  target = registry.build(config, workdir, ds)
+  step = _step_of(config, workdir)
+  source = None
+  if ec.source_workdir:
+    source = registry.build(saved.config_of_run(ec.source_workdir), ec.source_workdir, ds)
+  # What the report's rows are crafted on: the target itself through the view (white-box; the
+  # oblivious view for grey-box) or another trained run (transfer).
+  view = 'oblivious' if ec.threat_model == 'grey_box' else ec.view
+  attack_source = source if ec.threat_model == 'transfer' else None
+  crafted_on = {'grey_box': 'classifier', 'transfer': source.name if source else None}.get(
+      ec.threat_model, 'target')
+  report = run_entries(
+      target, images, labels, specs_lib.attack_specs(ec, config.data.name),
+      batch_size=ec.batch_size, key=jax.random.key(ec.seed), view=view,
+      eot_samples=ec.eot_samples, eot_chunk=ec.eot_chunk, draws=ec.draws, source=attack_source,
+      thresholds=protocol.l2_thresholds(config.data.name, ec.l2_thresholds), progress=progress,
+      transfer_from=source if ec.threat_model != 'transfer' else None)
+  transfer_rows = report.pop('transfer_rows')
+  report = {
+      'model': target.name, 'workdir': os.path.abspath(workdir), 'step': step,
+      'dataset': config.data.name, 'threat_model': ec.threat_model, 'crafted_on': crafted_on,
+      # the kernels the convolutions ran on (config.model.conv resolved on this machine)
+      **dnn.conv_kernels(config.model.get('conv', dnn.CONV_BEFORE_FIELD)), **report,
+      'transfer': ({'source_workdir': os.path.abspath(ec.source_workdir),
+                    'source_model': source.name, 'rows': transfer_rows}
+                   if transfer_rows else None),
+      'config': config.to_dict(),
+  }
+  if ec.figures:
+    report['eps_sweep'] = eps_sweep(config, target, images, labels, jax.random.key(ec.seed),
+                                    view=view, source=attack_source)
+    if target.diagnostics is not None:
+      report['reconstruction'] = target.diagnostics(
+          target, images, labels, protocol.linf_eps(config.data.name, ec.eps), ec.batch_size)
+  if jax.process_index() == 0:
+    reporting.write_report(report, out_dir or workdir)
+  print(reporting.markdown_table(report), flush=True)
+  return report
+
+
+def _step_of(config, workdir) -> int | None:
+  """The training step of the run's checkpoint (None for a defence that trains nothing)."""
+  if config.defense.name in registry.UNTRAINED:
+    return None
+  return saved.summary_of_run(workdir)['step'] if os.path.isfile(
+      os.path.join(workdir, saved.SUMMARY)) else saved.restore_variables(workdir)[1]
+
+
+def eps_sweep(config, target: Defence, images, labels, key, view: str = 'auto',
+              source: Defence | None = None) -> dict[str, Any]:
+  """Accuracy vs eps for FGSM and PGD (paper Fig. 6)."""
+  ec = config.eval
+  grid = protocol.eps_grid(config.data.name, ec.eps_grid)
+  n = min(len(labels), ec.sweep_examples)
+  out = {'eps': list(grid), 'fgsm': [], 'pgd': [], 'pgd_steps': ec.sweep_pgd_steps,
+         'num_examples': n}
+  for eps in grid:
+    for name, spec in (('fgsm', specs_lib.make_spec('fgsm', eps=eps)),
+                       ('pgd', specs_lib.make_spec('pgd', eps=eps, steps=ec.sweep_pgd_steps,
+                                                   step_size_factor=ec.step_size_factor))):
+      res = runner.run_attack(spec, target, images[:n], labels[:n], ec.batch_size, key,
+                              source=source, view=view, eot_samples=ec.eot_samples,
+                              eot_chunk=ec.eot_chunk, progress=False)
+      out[name].append(res.accuracy)
+  return out

@@ -1,0 +1,234 @@
+"""Running one attack entry on a defence: jitted per batch, counted exactly, over R draws.
+
+Usage:
+  res = run_attack(spec, defence, images, labels, batch_size=500, key=key, view='auto')
+  res.accuracy, res.correct, res.seen
+
+Each attack is jitted once per (attack, setting) over fixed-size batches (the last one padded and
+masked), sharded over all devices along 'data'. It crafts on the attacker's view of `source`
+(default: the defence itself, white-box) and counts the deployed defence's correct predictions.
+A randomised defence is evaluated over `draws` independent draws of its randomness (the attack's
+keys and the classification keys both fresh per draw): `accuracy` is the mean over draws,
+`accuracy_worst` the worst draw; `correct` / `seen` sum over draws.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from defendpp_jax import attacks as attacks_lib
+from defendpp_jax import data as data_lib
+from defendpp_jax import parallel
+from defendpp_jax.attacks.specs import AttackSpec
+from defendpp_jax.defences.base import Defence
+from defendpp_jax.evaluation import reporting
+from defendpp_jax.runs import state as state_lib
+
+# fold_in constant of the classification keys (distinct from the attacks' streams).
+_CLASSIFY = 0xC1A55
+
+
+def draw_key(key: jax.Array, draw: int, draws: int) -> jax.Array:
+  """The evaluation key of draw `draw` (the key itself when there is a single draw)."""
+  return key if draws == 1 else jax.random.fold_in(key, draw)
+
+
+def classify_key(defence: Defence, key: jax.Array, batch: int) -> jax.Array | None:
+  """The key the deployed defence classifies batch `batch` with (None if deterministic)."""
+  if not defence.randomised:
+    return None
+  return jax.random.fold_in(jax.random.fold_in(key, _CLASSIFY), batch)
+
+
+def predict_fn(defence: Defence):
+  return jax.jit(lambda v, x, k: jnp.argmax(defence.logits(v, x, k), -1))
+
+
+def clean_predictions(defence: Defence, images: np.ndarray, labels: np.ndarray,
+                      batch_size: int, key: jax.Array | None = None, mesh=None) -> np.ndarray:
+  """Per-example correctness (bool) of the deployed defence on unattacked images."""
+  mesh = mesh or parallel.make_mesh()
+  key = jax.random.key(0) if key is None else key
+  batch_size = parallel.divisible_batch(batch_size, mesh)
+  predict = predict_fn(defence)
+  out = []
+  for i, (x, y, m) in enumerate(data_lib.eval_batches(images, labels, batch_size)):
+    xs, = parallel.put_batch(mesh, x)
+    pred = np.asarray(predict(defence.variables, xs, classify_key(defence, key, i)))
+    out.append((pred == y)[m])
+  return np.concatenate(out)
+
+
+def clean_counts(defence: Defence, images: np.ndarray, labels: np.ndarray, batch_size: int,
+                 mesh=None, key: jax.Array | None = None) -> tuple[int, int]:
+  """(correct, seen) of the inference-mode defence on a whole split (one draw).
+
+  Counted on the devices (a replicated scalar per batch), so that every process of a
+  multi-host run can read it; equal to `clean_predictions(...).sum()`."""
+  mesh = mesh or parallel.make_mesh()
+  key = jax.random.key(0) if key is None else key
+  batch_size = parallel.divisible_batch(batch_size, mesh)
+  count = jax.jit(lambda v, x, y, m, k: jnp.sum(
+      (jnp.argmax(defence.logits(v, x, k), -1) == y) & m))
+  correct = 0
+  for i, (x, y, m) in enumerate(data_lib.eval_batches(images, labels, batch_size)):
+    correct += int(count(defence.variables, *parallel.put_batch(mesh, x, y, m),
+                         classify_key(defence, key, i)))
+  return correct, len(labels)
+
+
+@dataclasses.dataclass
+class AttackResult:
+  spec: AttackSpec
+  view: str
+  eot_samples: int
+  correct_per_draw: list[int]
+  seen: int                                # examples per draw
+  correct_every_draw: int                  # examples correct in every draw
+  distances: np.ndarray | None = None      # per example (first draw), minimal-norm attacks only
+
+  @property
+  def draws(self) -> int:
+    return len(self.correct_per_draw)
+
+  @property
+  def correct(self) -> int:
+    return sum(self.correct_per_draw)
+
+  @property
+  def accuracy(self) -> float:
+    return self.correct / (self.seen * self.draws)
+
+  @property
+  def accuracy_worst(self) -> float:
+    return min(self.correct_per_draw) / self.seen
+
+
+def make_attack_fn(spec: AttackSpec, source: Defence, view: str, eot_samples: int,
+                   eot_chunk: int):
+  """jit(variables, x, y, key) -> x_adv, crafted on `source`'s `view`."""
+  attack = attacks_lib.ATTACKS[spec.attack]
+  kwargs = dict(spec.kwargs)
+
+  def run(variables, x, y, key):
+    model = source.attack_model(view, eot_samples, eot_chunk, variables=variables)
+    return attack(model, x, y, key=key, **kwargs)
+
+  return jax.jit(run)
+
+
+# Adversarials crafted on one model and classified by others (transfer, grey-box), kept for the
+# life of the process: every row of a table that classifies the same crafted images (C&W / DDN
+# crafted on the undefended net, for each defended model) pays the crafting once. Least recently
+# used first out once the kept images pass CRAFTED_MAX_BYTES (checked when a new set starts, so
+# the newest set may take the total past the bound until the next one starts).
+_CRAFTED: dict[tuple, list[np.ndarray]] = {}
+CRAFTED_MAX_BYTES = 2 << 30
+
+
+def _crafted_batches(key: tuple) -> list[np.ndarray]:
+  """The batches kept under `key` (a new empty list on a miss; appended to by the caller)."""
+  if key in _CRAFTED:
+    _CRAFTED[key] = _CRAFTED.pop(key)  # now the most recently used
+    return _CRAFTED[key]
+  total = sum(a.nbytes for batches in _CRAFTED.values() for a in batches)
+  while _CRAFTED and total > CRAFTED_MAX_BYTES:
+    total -= sum(a.nbytes for a in _CRAFTED.pop(next(iter(_CRAFTED))))
+  return _CRAFTED.setdefault(key, [])
+
+
+def _crafting_key(spec, source: Defence, view, eot_samples, images, labels, batch_size,
+                  key) -> tuple:
+  """Everything x_adv depends on: the source's weights, the attack and its view, the inputs,
+  the batching and the key."""
+  data = hashlib.sha256(np.ascontiguousarray(images).tobytes())
+  data.update(np.ascontiguousarray(labels).tobytes())
+  return (state_lib.params_sha256(source.variables), spec.attack,
+          json.dumps(jsonable(spec.kwargs), sort_keys=True), view, eot_samples,
+          data.hexdigest(), batch_size, tuple(np.asarray(jax.random.key_data(key)).ravel()))
+
+
+def run_attack(spec: AttackSpec, target: Defence, images: np.ndarray, labels: np.ndarray,
+               batch_size: int, key: jax.Array, source: Defence | None = None,
+               view: str = 'auto', eot_samples: int = 10, eot_chunk: int = 10, draws: int = 1,
+               progress: bool = True) -> AttackResult:
+  """Crafts adversarials on `source`'s view (default: `target`, white-box) and counts
+  `target`'s correct predictions, over `draws` draws when `target` is randomised."""
+  reuse = source is not None and source is not target
+  source = source or target
+  view = spec.view or view
+  eot_samples = spec.eot_samples or eot_samples
+  settings = source.view_settings(view, eot_samples)
+  draws = draws if (target.randomised or source.randomised) else 1
+  mesh = parallel.make_mesh()
+  batch_size = parallel.divisible_batch(batch_size, mesh, len(labels))
+  attack_fn = make_attack_fn(spec, source, view, eot_samples, eot_chunk)
+  predict = predict_fn(target)
+  per_draw, every, distances = [], None, None
+  for r in range(draws):
+    key_r = draw_key(key, r, draws)
+    crafted = None
+    if reuse:
+      crafted = _crafted_batches(_crafting_key(spec, source, settings['view'],
+                                               settings['eot_samples'], images, labels,
+                                               batch_size, key_r))
+    ok_all, d_all = [], []
+    batches = data_lib.eval_batches(images, labels, batch_size)
+    n_batches = math.ceil(len(labels) / batch_size)
+    desc = spec.key if draws == 1 else f'{spec.key} draw {r + 1}/{draws}'
+    for i, (x, y, mask) in enumerate(reporting.progress(batches, n_batches, desc, progress)):
+      xs, ys = parallel.put_batch(mesh, x, y)
+      if crafted is not None and i < len(crafted):
+        x_adv, = parallel.put_batch(mesh, crafted[i])
+      else:
+        x_adv = attack_fn(source.variables, xs, ys, jax.random.fold_in(key_r, i))
+        if crafted is not None:
+          crafted.append(np.asarray(x_adv))
+      k_cls = classify_key(target, key_r, i)
+      ok = (np.asarray(predict(target.variables, x_adv, k_cls)) == y) & mask
+      ok_all.append(ok[mask])
+      if spec.eps is None and r == 0:
+        d = np.sqrt(np.sum((np.asarray(x_adv, np.float64) - x) ** 2, axis=(1, 2, 3)))
+        clean_ok = np.asarray(predict(target.variables, xs, k_cls)) == y
+        # 0 for examples misclassified without attack, inf where the attack found nothing.
+        d = np.where(~clean_ok, 0.0, np.where(ok, np.inf, d))
+        d_all.append(d[mask])
+    ok_all = np.concatenate(ok_all)
+    per_draw.append(int(ok_all.sum()))
+    every = ok_all if every is None else every & ok_all
+    if d_all:
+      distances = np.concatenate(d_all)
+  return AttackResult(spec, settings['view'], settings['eot_samples'], per_draw, len(labels),
+                      int(every.sum()), distances)
+
+
+def result_row(res: AttackResult, thresholds) -> dict[str, Any]:
+  """One row of robustness.json: the attack's full settings next to its number."""
+  spec = res.spec
+  row = {'attack': spec.key, 'norm': spec.norm, 'eps': spec.eps, 'steps': spec.steps,
+         'restarts': spec.restarts, 'loss': spec.loss, 'view': res.view,
+         'eot_samples': res.eot_samples, 'accuracy': res.accuracy, 'correct': res.correct,
+         'seen': res.seen * res.draws, 'settings': jsonable(spec.kwargs)}
+  if res.draws > 1:
+    row.update(draws=res.draws, accuracy_worst=res.accuracy_worst,
+               correct_per_draw=res.correct_per_draw, correct_every_draw=res.correct_every_draw)
+  if res.distances is not None:
+    d = res.distances
+    finite = d[np.isfinite(d) & (d > 0)]
+    median = float(np.median(d))
+    row['median_l2'] = median if math.isfinite(median) else None
+    row['mean_l2'] = float(finite.mean()) if finite.size else None
+    row['accuracy_at'] = {f'{t:g}': float(np.mean(d > t)) for t in thresholds}
+  return row
+
+
+def jsonable(kwargs: dict[str, Any]) -> dict[str, Any]:
+  return {k: (float(v) if isinstance(v, (float, np.floating)) else v) for k, v in kwargs.items()}

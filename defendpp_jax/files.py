@@ -1,0 +1,40 @@
+"""Atomic writes of JSON and text: a crash mid-write leaves the previous file intact.
+
+Usage:
+  write_json('results/table2.json', result)
+  write_text('results/table2.md', markdown)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import numpy as np
+
+
+def json_default(obj: Any) -> Any:
+  """JSON for numpy scalars and arrays, tuples and sets; str() for anything else."""
+  if isinstance(obj, (np.integer, np.floating)):
+    return obj.item()
+  if isinstance(obj, np.ndarray):
+    return obj.tolist()
+  if isinstance(obj, (tuple, set)):
+    return list(obj)
+  return str(obj)
+
+
+def write_text(path: str, text: str) -> None:
+  """Writes `text` to `path` through a temporary file renamed into place."""
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  tmp = f'{path}.tmp{os.getpid()}'
+  with open(tmp, 'w') as f:
+    f.write(text)
+  os.replace(tmp, path)
+
+
+def write_json(path: str, obj: Any, sort_keys: bool = False) -> None:
+  """Writes `obj` as indented JSON to `path`, atomically."""
+  write_text(path, json.dumps(obj, indent=2, sort_keys=sort_keys, default=json_default))

@@ -1,0 +1,55 @@
+"""Optimisers of the recipes, and freezing part of a parameter tree.
+
+Usage:
+  tx, schedule = sgd_step_decay(config.train, steps_per_epoch)
+  tx = freeze(tx, lambda path: path[0] == 'teacher')    # no update where the predicate holds
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import optax
+
+
+def sgd_step_decay(tc: Any, steps_per_epoch: int
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """SGD with momentum and (PyTorch-style, coupled) weight decay; step-decay learning rate.
+
+  The decay epochs are those of a `lr_schedule_epochs`-long run (the paper's 250 / 300 epochs),
+  stretched or shrunk to the `num_epochs` actually trained, so that a shortened run still
+  anneals at the same fractions of its length (0: no rescaling).
+  """
+  horizon = tc.get('lr_schedule_epochs', 0)
+  scale = tc.num_epochs / horizon if horizon else 1.0
+  boundaries = {}
+  for e in tc.lr_decay_epochs:
+    b = int(round(float(e) * scale * steps_per_epoch))
+    if b > 0:
+      boundaries[b] = boundaries.get(b, 1.0) * tc.lr_decay_factor
+  schedule = optax.piecewise_constant_schedule(tc.learning_rate, boundaries)
+  tx = optax.chain(optax.add_decayed_weights(tc.weight_decay),
+                   optax.sgd(schedule, momentum=tc.momentum))
+  return tx, schedule
+
+
+def adam_constant(learning_rate: float, b1: float = 0.5, b2: float = 0.999
+                  ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """Adam at a constant learning rate (ComDefend's authors: b1 0.5)."""
+  return optax.adam(learning_rate, b1=b1, b2=b2), optax.constant_schedule(learning_rate)
+
+
+def freeze(tx: optax.GradientTransformation, frozen: Callable[[tuple[str, ...]], bool]
+           ) -> optax.GradientTransformation:
+  """`tx` on the leaves whose key path (a tuple of names) is not `frozen`; zero updates (and
+  no optimiser state) on the others."""
+  def labels(params):
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: 'frozen' if frozen(tuple(_key_name(k) for k in path)) else 'trained',
+        params)
+  return optax.multi_transform({'trained': tx, 'frozen': optax.set_to_zero()}, labels)
+
+
+def _key_name(k) -> str:
+  return str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k))))

@@ -1,0 +1,229 @@
+"""What a run trains: a Recipe per `config.defense.name`, and the one training step they share.
+
+Usage:
+  recipe = make_recipe(config, ds, steps_per_epoch)
+  state = recipe.init(key)
+  state, metrics = train_step(state, images, labels, weights, key, recipe=recipe)
+
+A recipe names its model, optimiser (optionally with frozen parts: `optim.freeze`), an optional
+`prepare` (work outside the gradient, e.g. adversarial crafting), its loss as named terms
+(`loss` returns {name: scalar}, summed with the per-epoch `phase` weights in `term_names` order),
+and an optional `post_update` (a projection after each step, e.g. Parseval's retraction). A new
+training-time defence is a new recipe (or new terms), not a branch in the loop. Pre-processors
+are trained in front of a frozen classifier: `frozen` variables reach `prepare` and `loss` as an
+argument of the jitted step, never as trainable parameters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from defendpp_jax import data as data_lib
+from defendpp_jax import losses
+from defendpp_jax import protocol
+from defendpp_jax.defences import classifier as classifier_lib
+from defendpp_jax.defences import comdefend
+from defendpp_jax.runs.state import TrainState
+from defendpp_jax.training import objectives
+from defendpp_jax.training import optim
+
+# (params, state, images, labels, key, prepared, frozen) -> (terms, new batch_stats, metrics)
+LossFn = Callable[..., tuple[dict[str, jax.Array], Any, dict[str, jax.Array]]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+  """How one kind of run trains (see the module docstring)."""
+  model: nn.Module
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule
+  init: Callable[[jax.Array], TrainState]
+  loss: LossFn
+  term_names: tuple[str, ...]
+  phase: Callable[[int], tuple[tuple[float, ...], str]]  # epoch -> (term weights, phase name)
+  prepare: Callable[..., Any] | None = None              # (state, images, labels, key, frozen)
+  post_update: Callable[[Any], Any] | None = None         # params -> params
+  frozen: Any = None                                     # variables the loss reads, not trains
+  precise_bn: bool = False                                # BN statistics may be re-estimated
+  description: str = ''
+
+
+def weighted_sum(terms: dict[str, jax.Array], weights: jax.Array,
+                 names: tuple[str, ...]) -> jax.Array:
+  """sum_i weights[i] * terms[names[i]], left to right."""
+  total = weights[0] * terms[names[0]]
+  for i, name in enumerate(names[1:], start=1):
+    total = total + weights[i] * terms[name]
+  return total
+
+
+def train_step(state: TrainState, images: jax.Array, labels: jax.Array, weights: jax.Array,
+               key: jax.Array, frozen: Any = None, *, recipe: Recipe
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimiser step of `recipe` on a batch; weights: the term weights of this epoch."""
+  step_key = jax.random.fold_in(key, state.step)
+  prepared = None
+  if recipe.prepare is not None:
+    prepared = jax.lax.stop_gradient(recipe.prepare(state, images, labels, step_key, frozen))
+
+  def loss_fn(params):
+    terms, batch_stats, metrics = recipe.loss(params, state, images, labels, step_key, prepared,
+                                              frozen)
+    loss = weighted_sum(terms, weights, recipe.term_names)
+    return loss, (batch_stats, {'loss': loss, **metrics})
+
+  grads, (batch_stats, metrics) = jax.grad(loss_fn, has_aux=True)(state.params)
+  updates, opt_state = recipe.tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  if recipe.post_update is not None:
+    params = recipe.post_update(params)
+  return TrainState(state.step + 1, params, batch_stats, opt_state), metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# Classifiers: Defend++ (joint / alternating), the plain net, adversarial training.
+
+
+def copy_shared_into_ae(params, stats) -> tuple[dict, dict]:
+  """(params, stats) with every AE-owned encoder block `ae_E{k}` set to the classifier's E_k."""
+  params, stats = dict(params), dict(stats)
+  for name in params:
+    if name.startswith('ae_E'):
+      block = name[len('ae_'):]
+      params[name] = params['classifier'][block]
+      stats[name] = stats['classifier'][block]
+  return params, stats
+
+
+def init_classifier_state(model: nn.Module, tx: optax.GradientTransformation, key: jax.Array,
+                          batch_size: int = 2) -> TrainState:
+  """Initial parameters; AE-owned encoder blocks start as copies of the classifier's."""
+  variables = model.init({'params': key, 'noise': key},
+                         jnp.zeros((batch_size, *model.image_shape), jnp.float32))
+  params, stats = copy_shared_into_ae(variables['params'], variables.get('batch_stats', {}))
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=stats,
+                    opt_state=tx.init(params))
+
+
+def defendpp_loss(params, state, images, labels, key, x_adv, frozen, *, model, targets,
+                  lambda_ms, full_scale_weight, adversarial):
+  """Terms 'ce' (clean, adversarial, or their mean for FGSM training) and 'reconstruction'
+  (||I~0 - I0||^2 weighted by full_scale_weight + lambda sum_m ||I~m - Im||^2, on clean images)."""
+  del frozen
+  (logits, recs), new_vars = model.apply(
+      {'params': params, 'batch_stats': state.batch_stats}, images, train=True,
+      mutable=['batch_stats'], rngs={'noise': key})
+  ce = clean_ce = losses.cross_entropy(logits, labels)
+  batch_stats = new_vars['batch_stats']
+  if x_adv is not None:
+    adv_logits, adv_vars = model.apply(
+        {'params': params, 'batch_stats': batch_stats}, x_adv, train=True,
+        mutable=['batch_stats'], method='classify')
+    batch_stats = adv_vars['batch_stats']
+    adv_ce = losses.cross_entropy(adv_logits, labels)
+    ce = 0.5 * (clean_ce + adv_ce) if adversarial == 'fgsm' else adv_ce
+  rec_full, rec_ms = losses.reconstruction(recs, images, targets)
+  terms = {'ce': ce, 'reconstruction': full_scale_weight * rec_full + lambda_ms * rec_ms}
+  metrics = {'ce': ce, 'clean_ce': clean_ce, 'rec_full': rec_full, 'rec_ms': rec_ms,
+             'correct': jnp.sum(jnp.argmax(logits, -1) == labels), 'seen': labels.shape[0]}
+  return terms, batch_stats, metrics
+
+
+def classifier_phase(config: ml_collections.ConfigDict, epoch: int
+                     ) -> tuple[tuple[float, float], str]:
+  """((w_ce, w_rec), phase name) of `epoch` (paper Sec. 3.4).
+
+  'alternating': cycles of AE-alone epochs then classifier-alone epochs, then joint learning.
+  The shared blocks are one set of parameters, so the paper's "copy the encoder weights into the
+  classifier and back" happens by construction.
+  """
+  if config.model.decoder == 'none':
+    return (1.0, 0.0), 'classifier'
+  if config.train.schedule == 'alternating':
+    alt = config.train.alternating
+    period = alt.ae_epochs + alt.cls_epochs
+    if epoch < alt.cycles * period:
+      return ((0.0, 1.0), 'ae') if epoch % period < alt.ae_epochs else ((1.0, 0.0), 'classifier')
+  return (1.0, 1.0), 'joint'
+
+
+def classifier_recipe(config: ml_collections.ConfigDict, ds: data_lib.Dataset,
+                      steps_per_epoch: int) -> Recipe:
+  model = classifier_lib.module_of(config, ds)
+  tx, schedule = optim.sgd_step_decay(config.train, steps_per_epoch)
+  tc = config.train
+  prepare = None
+  if tc.adversarial != 'none':
+    craft = functools.partial(
+        objectives.craft_adversarial, model=model, adversarial=tc.adversarial,
+        eps=protocol.linf_eps(config.data.name, tc.adv_eps), steps=tc.adv_steps,
+        max_norm=protocol.ddn_max_norm(config.data.name, tc.adv_max_norm))
+    prepare = lambda state, x, y, key, frozen: craft(state, x, y, jax.random.fold_in(key, 1))
+  loss = functools.partial(defendpp_loss, model=model, targets=config.loss.targets,
+                           lambda_ms=config.loss.lambda_ms,
+                           full_scale_weight=config.loss.full_scale_weight,
+                           adversarial=tc.adversarial)
+  description = (f'{config.model.arch} width {config.model.width}, decoder '
+                 f'{config.model.decoder}, shared blocks {config.model.shared_blocks}')
+  return Recipe(model, tx, schedule, functools.partial(init_classifier_state, model, tx), loss,
+                ('ce', 'reconstruction'), functools.partial(classifier_phase, config),
+                prepare=prepare, precise_bn=tc.adversarial == 'none', description=description)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pre-processors trained on clean images (ComDefend).
+
+
+def init_reformer_state(model: nn.Module, tx: optax.GradientTransformation, key: jax.Array,
+                        image_shape, batch_size: int = 2) -> TrainState:
+  """Initial parameters of a pre-processing reformer (no BatchNorm statistics)."""
+  variables = model.init({'params': key, 'noise': key},
+                         jnp.zeros((batch_size, *image_shape), jnp.float32), train=True)
+  params = dict(variables['params'])
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats={},
+                    opt_state=tx.init(params))
+
+
+def comdefend_loss(params, state, images, labels, key, prepared, frozen, *, model):
+  """Terms 'reconstruction' (MSE to x) and 'code_penalty' (mean code^2) of ComDefend."""
+  del labels, prepared, frozen
+  rec, code = model.apply({'params': params}, images, train=True, rngs={'noise': key})
+  mse = jnp.mean(jnp.square(rec - images))
+  code_pen = jnp.mean(jnp.square(code))
+  return ({'reconstruction': mse, 'code_penalty': code_pen}, state.batch_stats,
+          {'rec_full': mse, 'code_penalty': code_pen})
+
+
+def comdefend_recipe(config: ml_collections.ConfigDict, ds: data_lib.Dataset,
+                     steps_per_epoch: int) -> Recipe:
+  del steps_per_epoch
+  cd = config.defense.comdefend
+  model = comdefend.build_reformer(cd, ds.image_shape)
+  tx, schedule = optim.adam_constant(cd.learning_rate)
+  return Recipe(model, tx, schedule,
+                functools.partial(init_reformer_state, model, tx, image_shape=ds.image_shape),
+                functools.partial(comdefend_loss, model=model),
+                ('reconstruction', 'code_penalty'),
+                lambda epoch: ((1.0, cd.code_weight), 'reformer'),
+                description=f'comdefend reformer width {cd.width}')
+
+
+RECIPES = {'none': classifier_recipe, 'comdefend': comdefend_recipe}
+
+
+def make_recipe(config: ml_collections.ConfigDict, ds: data_lib.Dataset,
+                steps_per_epoch: int) -> Recipe:
+  """The recipe of `config.defense.name` ('none': the run trains its classifier)."""
+  name = config.defense.name
+  if name not in RECIPES:
+    raise ValueError(f'config.defense.name={name!r} trains nothing (it has no recipe; known: '
+                     f'{tuple(RECIPES)}); evaluate it with python -m launch.evaluate')
+  return RECIPES[name](config, ds, steps_per_epoch)
