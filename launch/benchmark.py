@@ -59,6 +59,8 @@ _CONV_FORMS = flags.DEFINE_bool(
     '("framework": "jax-nchw") and as im2col + one matmul ("jax-im2col").')
 _CONV = flags.DEFINE_list('conv', ['auto'], 'Convolution kernels of the JAX model, one '
                           'measurement each: auto | xla | onednn (config.model.conv).')
+_PADDING = flags.DEFINE_enum('padding', 'torch', ['torch', 'same'], 'config.model.padding of the '
+                             'JAX model (same: the padding of runs saved before the field).')
 _EOT = flags.DEFINE_list('eot', ['1', '10'], 'EOT sample counts k of the EOT-PGD-10 '
                          'measurement (the classifier behind Gaussian input noise); "" = none.')
 _OPS = flags.DEFINE_bool('ops', False, 'Also time every distinct convolution of the classifier '
@@ -125,7 +127,7 @@ def _jax_setup(arch: str, width: int, shape: tuple[int, int, int], decoder: str,
   """(model, recipe) of a Defend++ / plain classifier as the trainer builds it."""
   config = config_lib.get_base_config()
   config.model.update(arch=arch, width=width, shared_blocks=4 if arch != 'vgg16' else 2,
-                      decoder=decoder, conv=conv)
+                      decoder=decoder, conv=conv, padding=_PADDING.value)
   config.train.update(learning_rate=0.01, lr_decay_epochs=(), num_epochs=1)
   ds = types.SimpleNamespace(num_classes=10, image_shape=shape, mean=(0.5,), std=(0.5,))
   recipe = recipes.classifier_recipe(config, ds, 1)

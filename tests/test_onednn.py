@@ -83,6 +83,30 @@ def test_strided_projection_kernel_gradient_is_right():
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-3)
 
 
+def test_vmap_folds_the_mapped_axis_into_the_batch():
+  # EOT vmaps a model over its random draws: under vmap over the input only, one oneDNN call
+  # runs all B x N images (values and input gradients as XLA's); a mapped kernel is mapped
+  # sequentially, also right.
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(5, 4, 9, 9, 3)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(3, 3, 3, 6)), jnp.float32)
+
+  def value_and_grad(backend):
+    def loss(x):
+      return jnp.sum(jnp.sin(models.conv_general_dilated(
+          x, w, (2, 2), ((1, 1), (1, 1)), dimension_numbers=DN, backend=backend)))
+    return jax.jit(jax.vmap(jax.value_and_grad(loss)))
+
+  for a, b in zip(value_and_grad('onednn')(x), value_and_grad('xla')(x)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+  hlo = value_and_grad('onednn').lower(x).as_text()
+  assert 'tensor<20x9x9x3xf32>' in hlo and 'DppConvBwdData' in hlo  # 5 x 4 images, one call
+  ws = jnp.asarray(rng.normal(size=(5, 3, 3, 3, 6)), jnp.float32)
+  conv = lambda backend: jax.jit(jax.vmap(lambda x, w: models.conv_general_dilated(
+      x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=DN, backend=backend)))
+  np.testing.assert_allclose(conv('onednn')(x, ws), conv('xla')(x, ws), rtol=1e-4, atol=1e-4)
+
+
 def _model(conv):
   cfg = ml_collections.ConfigDict({'arch': 'resnet18', 'width': 4, 'shared_blocks': 2,
                                    'decoder': 'pyramid', 'num_levels': 0, 'stem': 'auto',

@@ -134,13 +134,36 @@ def output_shape(x_shape, w_shape, strides, padding) -> tuple[int, int, int, int
   return n, (h + pt + pb - kh) // sh + 1, (w + pl + pr - kw) // sw + 1, o
 
 
+def _fold_batch(fn):
+  """`fn(a, w)` (a: NHWC, w: HWIO) whose vmap over `a` alone folds the mapped axis into N: one
+  oneDNN call on B x N images instead of B sequential calls (EOT vmaps a model over its draws).
+  A batched `w` is mapped sequentially."""
+  @jax.custom_batching.custom_vmap
+  def f(a, w):
+    return fn(a, w)
+
+  @f.def_vmap
+  def rule(axis_size, in_batched, a, w):
+    a_batched, w_batched = in_batched
+    if w_batched:
+      a = a if a_batched else jnp.broadcast_to(a, (axis_size, *a.shape))
+      return jax.lax.map(lambda aw: f(*aw), (a, w)), True
+    out = f(a.reshape((-1, *a.shape[2:])), w)
+    return out.reshape((axis_size, -1, *out.shape[1:])), True
+
+  return f
+
+
 def conv_fwd(x: jax.Array, w: jax.Array, strides, padding) -> jax.Array:
-  return _call('DppConvFwd', output_shape(x.shape, w.shape, strides, padding), x, w,
-               strides=strides, padding=padding)
+  return _fold_batch(lambda x, w: _call(
+      'DppConvFwd', output_shape(x.shape, w.shape, strides, padding), x, w, strides=strides,
+      padding=padding))(x, w)
 
 
 def conv_bwd_data(g: jax.Array, w: jax.Array, x_shape, strides, padding) -> jax.Array:
-  return _call('DppConvBwdData', x_shape, g, w, strides=strides, padding=padding)
+  return _fold_batch(lambda g, w: _call(
+      'DppConvBwdData', (g.shape[0], *x_shape[1:]), g, w, strides=strides,
+      padding=padding))(g, w)
 
 
 def conv_bwd_weights(x: jax.Array, g: jax.Array, w_shape, strides, padding) -> jax.Array:
