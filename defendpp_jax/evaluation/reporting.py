@@ -88,8 +88,9 @@ def markdown_table(report: dict[str, Any], title: str | None = None) -> str:
                  report.get('threat_model'), '')
   if report.get('draws', 1) > 1:
     crafted += f'; randomised defence: accuracies are means over {report["draws"]} draws'
+  step = 'untrained' if report['step'] is None else f'step {report["step"]}'
   lines = [f'### {title or report["model"]} ({report["dataset"]}, {report["num_examples"]} '
-           f'test images, step {report["step"]}{crafted})', '']
+           f'test images, {step}{crafted})', '']
   header = [label for key, label in TABLE_COLUMNS if key in rows] + ['Clean']
   lines.append('| model | ' + ' | '.join(header) + ' |')
   lines.append('|---' * (len(header) + 1) + '|')
