@@ -37,9 +37,8 @@ from defendpp_jax.runs import saved
 def _clean(defence: Defence, images, labels, batch_size, key, draws) -> tuple[int, int, float]:
   """(correct summed over draws, seen summed over draws, worst draw's accuracy)."""
   draws = draws if defence.randomised else 1
-  per_draw = [int(runner.clean_predictions(defence, images, labels, batch_size,
-                                           runner.draw_key(key, r, draws)).sum())
-              for r in range(draws)]
+  per_draw = [runner.clean_counts(defence, images, labels, batch_size,
+                                  key=runner.draw_key(key, r, draws))[0] for r in range(draws)]
   return sum(per_draw), draws * len(labels), min(per_draw) / len(labels)
 
 
