@@ -1,14 +1,21 @@
-"""Reproduces one of the paper's tables: trains (or reuses) its models, evaluates every row.
+"""Reproduces a paper's table: trains (or reuses) its models, evaluates every row.
 
   python -m launch.reproduce --table=2 --workdir=runs/repro --budget=cpu \
       --mnist_dir=../shared/data/mnist --cifar10_dir=../shared/data/cifar10-jpeg
+  python -m launch.reproduce --paper=survey --table=transforms --workdir=runs/repro \
+      --mnist_dir=../shared/data/mnist --cifar10_dir=../shared/data/cifar10-jpeg
 
-Tables 1, 2, 3, 5, 6, 7, 8 and `fig6`. `--budget=cpu` is the reduced budget documented in
-defendpp_jax/reproduce.py (CPU_BUDGET) and docs/REPRODUCTION.md; `--budget=paper` the paper's
-(the configs' epochs and widths, the whole test set). `--strong` evaluates the same models with
-PGD-100 x 5 restarts, APGD-CE and APGD-DLR at the paper's eps, C&W and DDN. Models are shared
-between tables (same WORKDIR): Table 1 reuses Table 2's "ours". Results go to
-RESULTS_DIR/table<N>[_strong].json and .md.
+--paper=defendpp (default): Tables 1, 2, 3, 5, 6, 7, 8 and `fig6` of Defend++. `--budget=cpu`
+is the reduced budget documented in defendpp_jax/reproduce/defendpp_mm2020.py (CPU_BUDGET) and
+docs/REPRODUCTION.md; `--budget=paper` the paper's (the configs' epochs and widths, the whole
+test set). `--strong` evaluates the same models with PGD-100 x 5 restarts, APGD-CE and APGD-DLR
+at the paper's eps, C&W and DDN. Models are shared between tables (same WORKDIR): Table 1 reuses
+Table 2's "ours". Results go to RESULTS_DIR/table<N>[_strong].json and .md.
+
+--paper=survey --table=transforms: the survey's input-transformation and randomised defences in
+front of the same trained classifier, as published and adaptively (defendpp_jax/reproduce/
+survey.py); --datasets / --defences restrict the run (the results file keeps the other rows).
+Writes RESULTS_DIR/survey_transforms.json / .md and, at the cpu budget, docs/DEFENCES.md.
 """
 
 import sys
@@ -18,8 +25,12 @@ from absl import flags
 from absl import logging
 
 from defendpp_jax import reproduce
+from defendpp_jax.reproduce import survey
 
-_TABLE = flags.DEFINE_enum('table', None, list(reproduce.TABLES), 'Which table.')
+PAPERS = ('defendpp', 'survey')
+_PAPER = flags.DEFINE_enum('paper', 'defendpp', list(PAPERS), 'Which paper.')
+_TABLE = flags.DEFINE_string('table', None, 'Which table: Defend++ '
+                             f'{"/".join(reproduce.TABLES)}; survey {"/".join(survey.TABLES)}.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Root directory of the models and evaluations.')
 _BUDGET = flags.DEFINE_enum('budget', 'cpu', list(reproduce.BUDGETS), 'Training budget.')
 _STRONG = flags.DEFINE_bool('strong', False, 'Strong evaluation (PGD restarts, APGD).')
@@ -27,16 +38,27 @@ _RESULTS = flags.DEFINE_string('results_dir', 'results', 'Where table<N>.json / 
 _MNIST = flags.DEFINE_string('mnist_dir', '', 'MNIST raw files ("" = tfds).')
 _CIFAR = flags.DEFINE_string('cifar10_dir', '', 'CIFAR-10 python batches ("" = tfds).')
 _SEED = flags.DEFINE_integer('seed', 0, 'Training seed of every model.')
+_DATASETS = flags.DEFINE_list('datasets', list(survey.DATASETS), 'Survey: datasets to run.')
+_DEFENCES = flags.DEFINE_list('defences', [], 'Survey: defences to run ([] = all).')
+_DOCS = flags.DEFINE_string('docs', 'docs/DEFENCES.md', 'Survey: the board document.')
 flags.mark_flags_as_required(['table', 'workdir'])
 
 
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
+  data_dirs = {'mnist': _MNIST.value, 'cifar10': _CIFAR.value}
   try:
-    reproduce.run_table(_TABLE.value, _WORKDIR.value, _BUDGET.value,
-                        {'mnist': _MNIST.value, 'cifar10': _CIFAR.value}, strong=_STRONG.value,
-                        results_dir=_RESULTS.value, seed=_SEED.value)
+    if _PAPER.value == 'survey':
+      survey.run_survey(_TABLE.value, _WORKDIR.value, _BUDGET.value, data_dirs,
+                        results_dir=_RESULTS.value, docs_path=_DOCS.value or None,
+                        seed=_SEED.value, datasets=tuple(_DATASETS.value),
+                        defences=tuple(_DEFENCES.value) or None)
+    else:
+      if _TABLE.value not in reproduce.TABLES:
+        raise app.UsageError(f'--table={_TABLE.value!r} is not one of {reproduce.TABLES}')
+      reproduce.run_table(_TABLE.value, _WORKDIR.value, _BUDGET.value, data_dirs,
+                          strong=_STRONG.value, results_dir=_RESULTS.value, seed=_SEED.value)
   except reproduce.Preempted as e:
     print(f'stopped: {e}', flush=True)
     sys.exit(143)  # the conventional status of a process ended by SIGTERM

@@ -51,11 +51,14 @@ class AttackModel:
     eot_samples: k > 1: gradients and losses are averages over k draws of the randomness.
     eot_chunk: draws evaluated at once (vmapped); the rest in a sequential loop.
     randomised: whether `logits` consumes its key (an attack must then supply one).
+    penalty: optional (x, key) -> per-example penalty subtracted from every objective the
+      model's `value_and_grad` computes (a detector-aware attack: loss - c * detector score).
   """
   logits: Callable[[Array, Array | None], Array]
   eot_samples: int = 1
   eot_chunk: int = 10
   randomised: bool = False
+  penalty: Callable[[Array, Array | None], Array] | None = None
 
   def expect(self, fn: Callable[[Array | None], Any], key: Array | None) -> Any:
     """fn(key), or its average over `eot_samples` independent keys (float leaves averaged,
@@ -72,8 +75,10 @@ class AttackModel:
   def value_and_grad(self, objective: Objective, x: Array, key: Array | None
                      ) -> tuple[Array, Array, Array]:
     """(per-example objective, logits, input gradient of each example's objective)."""
+    penalty = self.penalty
     return self.expect(lambda k: _value_and_input_grad(
-        objective, lambda z: self.logits(z, k), x), key)
+        objective, lambda z: self.logits(z, k), x,
+        None if penalty is None else (lambda z: penalty(z, k))), key)
 
 
 def as_attack_model(model: AttackModel | LogitsFn) -> AttackModel:
@@ -93,15 +98,19 @@ def model_keys(model: AttackModel, key: Array | None) -> Callable[[Any], Array |
   return lambda i: jax.random.fold_in(base, i)
 
 
-def _value_and_input_grad(objective: Objective, logits_fn: LogitsFn,
-                          x_adv: Array) -> tuple[Array, Array, Array]:
-  """Per-example objective, logits, and the input gradient of each example's objective.
+def _value_and_input_grad(objective: Objective, logits_fn: LogitsFn, x_adv: Array,
+                          penalty: Callable[[Array], Array] | None = None
+                          ) -> tuple[Array, Array, Array]:
+  """Per-example objective (minus the penalty, if any), logits, and the input gradient of each
+  example's objective.
 
   Examples are independent, so the gradient of the batch SUM is every example's own gradient.
   """
   def total(z):
     logits = logits_fn(z)
     per_example = objective(logits)
+    if penalty is not None:
+      per_example = per_example - penalty(z)
     return jnp.sum(per_example), (per_example, logits)
 
   (_, (per_example, logits)), grad = jax.value_and_grad(total, has_aux=True)(x_adv)

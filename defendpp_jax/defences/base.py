@@ -27,6 +27,7 @@ import dataclasses
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 
 from defendpp_jax.attacks import core as attack_core
 from defendpp_jax.attacks.specs import VIEWS
@@ -47,6 +48,11 @@ class Defence:
     behind: the classifier behind a pre-processor: what an oblivious attacker attacks.
     diagnostics: optional (defence, images, labels, eps, batch_size) -> dict of
       defence-specific analyses (Defend++: reconstructions and the R histogram).
+    rejects: a detector: `apply` returns K + 1 logits, the last one "rejected"; an attacked
+      input that is rejected counts as defended (a rejected clean input as an error).
+    penalty: (variables, x, key, bpda) -> per-example penalty a detector-aware attacker
+      subtracts from its loss (every view but 'oblivious'; its logits drop the reject column).
+    info: facts about the deployed defence for reports (a detector's threshold, ...).
   """
   name: str
   apply: ApplyFn
@@ -55,6 +61,9 @@ class Defence:
   stand_ins: tuple[tuple[str, str], ...] = ()
   behind: 'Defence | None' = None
   diagnostics: Callable[..., dict[str, Any]] | None = None
+  rejects: bool = False
+  penalty: ApplyFn | None = None
+  info: dict[str, Any] = dataclasses.field(default_factory=dict)
 
   def logits(self, variables: Any, x: jax.Array, key: jax.Array | None = None) -> jax.Array:
     """The deployed function: logits of x (key: the draw of a randomised defence)."""
@@ -95,9 +104,13 @@ class Defence:
     k = eot_samples if 'eot' in view else 1
     if k < 1:
       raise ValueError(f'config.eval.eot_samples must be >= 1, got {eot_samples}')
-    return attack_core.AttackModel(
-        lambda x, key: self.apply(variables, x, key, bpda), eot_samples=k, eot_chunk=eot_chunk,
-        randomised=self.randomised)
+    logits = lambda x, key: self.apply(variables, x, key, bpda)
+    penalty = None
+    if self.penalty is not None:
+      logits = lambda x, key: self.apply(variables, x, key, bpda)[..., :-1]
+      penalty = lambda x, key: self.penalty(variables, x, key, bpda)
+    return attack_core.AttackModel(logits, eot_samples=k, eot_chunk=eot_chunk,
+                                   randomised=self.randomised, penalty=penalty)
 
   def view_settings(self, view: str, eot_samples: int) -> dict[str, Any]:
     """{'view', 'eot_samples'} as an attack with `view` runs (for reports)."""
@@ -133,6 +146,26 @@ def preprocess(pre: Preprocessor, classifier: Defence, name: str | None = None) 
                  {'preprocessor': pre.variables, 'classifier': classifier.variables},
                  randomised=pre.randomised or classifier.randomised,
                  stand_ins=pre.stand_ins + classifier.stand_ins, behind=classifier)
+
+
+def averaged(defence: Defence, passes: int, name: str | None = None) -> Defence:
+  """A randomised defence's prediction averaged over `passes` draws: the log of the mean
+  softmax (logits of the averaged prediction); `passes` 1 = the defence itself."""
+  if not isinstance(passes, int) or passes < 1:
+    raise ValueError(f'passes must be an integer >= 1, got {passes!r}')
+  if passes == 1:
+    return defence if name is None else dataclasses.replace(defence, name=name)
+  if not defence.randomised:
+    raise ValueError(f'{defence.name} is deterministic: averaging passes changes nothing')
+
+  def apply(variables, x, key, bpda):
+    if key is None:
+      raise ValueError(f'{defence.name} is randomised: its logits need a key')
+    logp = jax.vmap(lambda k: jax.nn.log_softmax(defence.apply(variables, x, k, bpda)))(
+        jax.random.split(key, passes))
+    return jax.nn.logsumexp(logp, axis=0) - jnp.log(float(passes))
+
+  return dataclasses.replace(defence, name=name or f'{defence.name} x{passes}', apply=apply)
 
 
 def straight_through(hard: jax.Array, soft: jax.Array) -> jax.Array:

@@ -15,13 +15,19 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+import jax
 import ml_collections
 
 from defendpp_jax import data as data_lib
 from defendpp_jax.defences import base
 from defendpp_jax.defences import classifier
 from defendpp_jax.defences import comdefend
+from defendpp_jax.defences import jpeg
+from defendpp_jax.defences import noisy_layers
+from defendpp_jax.defences import quilting
 from defendpp_jax.defences import randomized
+from defendpp_jax.defences import squeezing
+from defendpp_jax.defences import tv_min
 from defendpp_jax.runs import saved
 
 Builder = Callable[[ml_collections.ConfigDict, str, data_lib.Dataset, Any], base.Defence]
@@ -36,8 +42,8 @@ def _classifier_run(config, workdir, ds, trained) -> base.Defence:
                                        run_name(config))
 
 
-def protected_classifier(config, ds) -> base.Defence:
-  """The classifier a pre-processing defence protects (config.defense.classifier_workdir)."""
+def _protected_run(config) -> tuple[str, ml_collections.ConfigDict]:
+  """(workdir, config) of the classifier run a defence protects."""
   cls_dir = config.defense.classifier_workdir
   if not cls_dir:
     raise ValueError(f'config.defense.name={config.defense.name!r} needs '
@@ -46,7 +52,87 @@ def protected_classifier(config, ds) -> base.Defence:
   if cls_config.defense.name != 'none':
     raise ValueError(f'config.defense.classifier_workdir={cls_dir!r} is a '
                      f'{cls_config.defense.name} run, not a classifier run')
+  return cls_dir, cls_config
+
+
+def protected_classifier(config, ds) -> base.Defence:
+  """The classifier a pre-processing defence protects (config.defense.classifier_workdir),
+  on the kernels of config.model.conv."""
+  cls_dir, cls_config = _protected_run_kernels(config)
   return build(cls_config, cls_dir, ds)
+
+
+def _protected_run_kernels(config):
+  """(workdir, config) of the protected run, its convolutions on config.model.conv's kernels
+  (the weights are the run's; the kernels only change the speed and float rounding)."""
+  cls_dir, cls_config = _protected_run(config)
+  cls_config.model.conv = config.model.conv
+  return cls_dir, cls_config
+
+
+def _in_front(pre: base.Preprocessor):
+  """The builder of `pre(config, ds)` deployed in front of the protected classifier."""
+  def builder(config, workdir, ds, trained):
+    del workdir, trained  # nothing is trained
+    return base.preprocess(pre(config, ds), protected_classifier(config, ds), run_name(config))
+  return builder
+
+
+def default_bits(dataset: str) -> int:
+  """Xu et al.'s bit depths: 1 on MNIST, 5 on CIFAR-10 (and 8-bit-like 5 elsewhere)."""
+  return 1 if dataset in ('mnist', 'digits') else 5
+
+
+def _bits(config) -> int:
+  return config.defense.bit_depth.bits or default_bits(config.data.name)
+
+
+def _feature_squeezing(config, workdir, ds, trained) -> base.Defence:
+  del workdir, trained
+  fs = config.defense.feature_squeezing
+  names = tuple(fs.squeezers) or (f'bit_depth_{default_bits(config.data.name)}', 'median_2')
+  n_test, n_cal = len(ds.test_labels), fs.calibration_examples
+  n_eval = config.eval.num_examples or n_test
+  if not 0 < n_cal <= n_test - n_eval:
+    raise ValueError(
+        f'config.defense.feature_squeezing.calibration_examples={n_cal}: the detector is '
+        f'calibrated on the last test images, disjoint from the {n_eval} evaluated; the split '
+        f'has {n_test} (lower config.eval.num_examples or the calibration examples)')
+  return squeezing.squeezing_detector(
+      protected_classifier(config, ds), squeezing.squeezers_of(names), ds.test_images[-n_cal:],
+      fs.false_positive_rate, fs.penalty_weight, run_name(config), config.eval.batch_size)
+
+
+def _quilting(config, ds) -> base.Preprocessor:
+  q = config.defense.quilting
+  db = quilting.patch_database(ds.train_images, q.num_patches, jax.random.key(q.seed), q.patch)
+  return quilting.quilting(db, k=q.k, patch=q.patch, overlap=q.overlap)
+
+
+def _resize_pad(config, workdir, ds, trained) -> base.Defence:
+  del workdir, trained
+  rp = config.defense.resize_pad
+  return base.averaged(base.preprocess(randomized.resize_pad(rp.max_scale),
+                                       protected_classifier(config, ds)),
+                       rp.passes, run_name(config))
+
+
+def _sap(config, workdir, ds, trained) -> base.Defence:
+  del workdir, trained
+  cls_dir, cls_config = _protected_run_kernels(config)
+  variables, _ = saved.restore_variables(cls_dir)
+  sc = config.defense.sap
+  return noisy_layers.sap(classifier.module_of(cls_config, ds), variables, run_name(cls_config),
+                          sc.after, sc.samples_factor)
+
+
+def _rse(config, workdir, ds, trained) -> base.Defence:
+  if trained is None:
+    saved.check_same_classifier(config, workdir, '--workdir')
+    trained, _ = saved.restore_variables(workdir)
+  rc = config.defense.rse
+  return noisy_layers.rse(classifier.module_of(config, ds), trained, run_name(config),
+                          rc.input_std, rc.inner_std, rc.passes)
 
 
 def _comdefend(config, workdir, ds, trained) -> base.Defence:
@@ -66,10 +152,20 @@ DEFENCES: dict[str, Builder] = {
     'none': _classifier_run,
     'comdefend': _comdefend,
     'gaussian_noise': _gaussian_noise,
+    'jpeg': _in_front(lambda c, ds: jpeg.jpeg(c.defense.jpeg.quality, c.defense.jpeg.stand_in)),
+    'bit_depth': _in_front(lambda c, ds: squeezing.bit_depth(_bits(c))),
+    'median': _in_front(lambda c, ds: squeezing.median(c.defense.median.size)),
+    'feature_squeezing': _feature_squeezing,
+    'tv_min': _in_front(lambda c, ds: tv_min.tv_min(
+        c.defense.tv_min.keep_prob, c.defense.tv_min.lam, c.defense.tv_min.iters)),
+    'quilting': _in_front(_quilting),
+    'resize_pad': _resize_pad,
+    'sap': _sap,
+    'rse': _rse,
 }
 NAMES = tuple(DEFENCES)
 # Defences whose run trains nothing (deployed straight in front of their classifier).
-UNTRAINED = ('gaussian_noise',)
+UNTRAINED = tuple(n for n in NAMES if n not in ('none', 'comdefend', 'rse'))
 
 
 def build(config: ml_collections.ConfigDict, workdir: str, ds: data_lib.Dataset,
@@ -88,9 +184,21 @@ def run_name(config: ml_collections.ConfigDict) -> str:
     return f'comdefend-w{config.defense.comdefend.width}'
   if name == 'gaussian_noise':
     return f'gaussian_noise-std{config.defense.gaussian_noise.std:g}'
-  if name != 'none':
+  d = config.defense
+  names = {'jpeg': lambda: f'jpeg-q{d.jpeg.quality}',
+           'bit_depth': lambda: f'bit_depth-{_bits(config)}',
+           'median': lambda: f'median-{d.median.size}x{d.median.size}',
+           'tv_min': lambda: f'tv_min-p{d.tv_min.keep_prob:g}-lam{d.tv_min.lam:g}',
+           'quilting': lambda: f'quilting-k{d.quilting.k}-db{d.quilting.num_patches}',
+           'resize_pad': lambda: f'resize_pad-x{d.resize_pad.passes}',
+           'sap': lambda: f'sap-{d.sap.after}'}
+  if name in names:
+    return names[name]()
+  if name not in ('none', 'rse'):
     return name
   label = f'{config.model.arch}-w{config.model.width}-{config.model.decoder}'
   if config.train.adversarial != 'none':
     label += f'-adv{config.train.adversarial}'
+  if name == 'rse':
+    label += f'-rse-x{d.rse.passes}'
   return label

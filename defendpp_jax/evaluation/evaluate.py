@@ -73,6 +73,13 @@ def run_entries(defence: Defence, images: np.ndarray, labels: np.ndarray,
          'sanity_checks': checks, 'sanity_checks_passed': all(c['passed'] for c in checks)}
   if defence.randomised and draws > 1:
     out.update(draws=draws, clean_accuracy_worst=worst)
+  if defence.info:
+    out['defence_info'] = dict(defence.info)
+  if defence.rejects:
+    rejected = runner.clean_rejections(defence, images, labels, batch_size, key)
+    out['detector'] = {'clean_rejected': rejected, 'clean_false_positive_rate': rejected / n,
+                       **{k: defence.info[k] for k in ('threshold', 'false_positive_rate')
+                          if k in defence.info}}
   return out
 
 

@@ -105,7 +105,16 @@ def markdown_table(report: dict[str, Any], title: str | None = None) -> str:
                  ' | '.join(cells + ['-']) + ' |')
   lines += ['', 'Accuracy in % (correct / seen). Settings:', '']
   for r in report['rows']:
-    lines.append(f'- {r["attack"]}: {settings_text(r)} ({r["correct"]}/{r["seen"]})')
+    detected = (f'; rejected by the detector: {r["detected"]}/{r["seen"]}'
+                if 'detected' in r else '')
+    lines.append(f'- {r["attack"]}: {settings_text(r)} ({r["correct"]}/{r["seen"]}{detected})')
+  if report.get('detector'):
+    d = report['detector']
+    lines += ['', f'Detector: threshold {d.get("threshold", float("nan")):.4f} '
+              f'(set at {_pct(d.get("false_positive_rate", 0))}% false positives on held-out '
+              f'clean images); {d["clean_rejected"]}/{report["num_examples"]} evaluated clean '
+              'images rejected (counted as errors in Clean); an attacked input the detector '
+              'rejects counts as defended.']
   lines += ['', 'Sanity checks:' if report['sanity_checks_passed']
             else '**SANITY CHECK FAILED — these numbers are not trustworthy:**', '']
   for c in report['sanity_checks']:

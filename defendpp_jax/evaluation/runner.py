@@ -52,6 +52,34 @@ def predict_fn(defence: Defence):
   return jax.jit(lambda v, x, k: jnp.argmax(defence.logits(v, x, k), -1))
 
 
+def defended(defence: Defence, pred: np.ndarray, y: np.ndarray) -> np.ndarray:
+  """Per example: an attacked input is defended if classified right or, by a detector,
+  rejected (its last output)."""
+  ok = pred == y
+  return ok | (pred == rejected_class(defence)) if defence.rejects else ok
+
+
+def rejected_class(defence: Defence) -> int | None:
+  """The index of a detector's "rejected" output (the last), None for a classifier."""
+  if not defence.rejects:
+    return None
+  return int(defence.info['num_classes'])
+
+
+def clean_rejections(defence: Defence, images: np.ndarray, labels: np.ndarray,
+                     batch_size: int, key: jax.Array, mesh=None) -> int:
+  """How many unattacked images a detector rejects (its false positives)."""
+  mesh = mesh or parallel.make_mesh()
+  batch_size = parallel.divisible_batch(batch_size, mesh)
+  predict = predict_fn(defence)
+  rejected = 0
+  for i, (x, y, m) in enumerate(data_lib.eval_batches(images, labels, batch_size)):
+    xs, = parallel.put_batch(mesh, x)
+    pred = np.asarray(predict(defence.variables, xs, classify_key(defence, key, i)))
+    rejected += int(np.sum((pred == rejected_class(defence)) & m))
+  return rejected
+
+
 def clean_predictions(defence: Defence, images: np.ndarray, labels: np.ndarray,
                       batch_size: int, key: jax.Array | None = None, mesh=None) -> np.ndarray:
   """Per-example correctness (bool) of the deployed defence on unattacked images."""
@@ -94,6 +122,7 @@ class AttackResult:
   seen: int                                # examples per draw
   correct_every_draw: int                  # examples correct in every draw
   distances: np.ndarray | None = None      # per example (first draw), minimal-norm attacks only
+  detected_per_draw: list[int] | None = None  # a detector's rejections of the attacked inputs
 
   @property
   def draws(self) -> int:
@@ -172,7 +201,7 @@ def run_attack(spec: AttackSpec, target: Defence, images: np.ndarray, labels: np
   batch_size = parallel.divisible_batch(batch_size, mesh, len(labels))
   attack_fn = make_attack_fn(spec, source, view, eot_samples, eot_chunk)
   predict = predict_fn(target)
-  per_draw, every, distances = [], None, None
+  per_draw, every, distances, detected = [], None, None, []
   for r in range(draws):
     key_r = draw_key(key, r, draws)
     crafted = None
@@ -180,7 +209,7 @@ def run_attack(spec: AttackSpec, target: Defence, images: np.ndarray, labels: np
       crafted = _crafted_batches(_crafting_key(spec, source, settings['view'],
                                                settings['eot_samples'], images, labels,
                                                batch_size, key_r))
-    ok_all, d_all = [], []
+    ok_all, d_all, rejected = [], [], 0
     batches = data_lib.eval_batches(images, labels, batch_size)
     n_batches = math.ceil(len(labels) / batch_size)
     desc = spec.key if draws == 1 else f'{spec.key} draw {r + 1}/{draws}'
@@ -193,7 +222,10 @@ def run_attack(spec: AttackSpec, target: Defence, images: np.ndarray, labels: np
         if crafted is not None:
           crafted.append(np.asarray(x_adv))
       k_cls = classify_key(target, key_r, i)
-      ok = (np.asarray(predict(target.variables, x_adv, k_cls)) == y) & mask
+      pred = np.asarray(predict(target.variables, x_adv, k_cls))
+      ok = defended(target, pred, y) & mask
+      if target.rejects:
+        rejected += int(np.sum((pred == rejected_class(target)) & mask))
       ok_all.append(ok[mask])
       if spec.eps is None and r == 0:
         d = np.sqrt(np.sum((np.asarray(x_adv, np.float64) - x) ** 2, axis=(1, 2, 3)))
@@ -203,11 +235,12 @@ def run_attack(spec: AttackSpec, target: Defence, images: np.ndarray, labels: np
         d_all.append(d[mask])
     ok_all = np.concatenate(ok_all)
     per_draw.append(int(ok_all.sum()))
+    detected.append(rejected)
     every = ok_all if every is None else every & ok_all
     if d_all:
       distances = np.concatenate(d_all)
   return AttackResult(spec, settings['view'], settings['eot_samples'], per_draw, len(labels),
-                      int(every.sum()), distances)
+                      int(every.sum()), distances, detected if target.rejects else None)
 
 
 def result_row(res: AttackResult, thresholds) -> dict[str, Any]:
@@ -220,6 +253,9 @@ def result_row(res: AttackResult, thresholds) -> dict[str, Any]:
   if res.draws > 1:
     row.update(draws=res.draws, accuracy_worst=res.accuracy_worst,
                correct_per_draw=res.correct_per_draw, correct_every_draw=res.correct_every_draw)
+  if res.detected_per_draw is not None:
+    row['detected'] = sum(res.detected_per_draw)
+    row['detection_rate'] = row['detected'] / row['seen']
   if res.distances is not None:
     d = res.distances
     finite = d[np.isfinite(d) & (d > 0)]

@@ -44,6 +44,20 @@ Features = list[tuple[str, jax.Array]]
 BN_MOMENTUM = 0.9
 
 
+class ReLU(nn.Module):
+  """The classifiers' activation as a module (no parameters): the point where a defence that
+  acts on activations (SAP) intercepts them, with `nn.intercept_methods`."""
+
+  @nn.compact
+  def __call__(self, x):
+    return nn.relu(x)
+
+
+def relu(x: jax.Array) -> jax.Array:
+  """ReLU through the interceptable `ReLU` module (call inside a compact method)."""
+  return ReLU()(x)
+
+
 def bn(train: bool, name: str | None = None) -> nn.BatchNorm:
   return nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=1e-5,
                       name=name)
@@ -58,12 +72,12 @@ class BasicBlock(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool):
     pad, c = self.padding, self.conv
-    y = nn.relu(bn(train)(make_conv(c, self.features, 3, self.strides, padding=pad)(x)))
+    y = relu(bn(train)(make_conv(c, self.features, 3, self.strides, padding=pad)(x)))
     y = bn(train)(make_conv(c, self.features, 3, padding=pad)(y))
     if x.shape[-1] != self.features or self.strides != 1:
       x = bn(train, name='proj_bn')(
           make_conv(c, self.features, 1, self.strides, name='proj', padding=pad)(x))
-    return nn.relu(x + y)
+    return relu(x + y)
 
 
 class Bottleneck(nn.Module):
@@ -76,13 +90,13 @@ class Bottleneck(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool):
     out, pad, c = self.features * self.expansion, self.padding, self.conv
-    y = nn.relu(bn(train)(make_conv(c, self.features, 1, padding=pad)(x)))
-    y = nn.relu(bn(train)(make_conv(c, self.features, 3, self.strides, padding=pad)(y)))
+    y = relu(bn(train)(make_conv(c, self.features, 1, padding=pad)(x)))
+    y = relu(bn(train)(make_conv(c, self.features, 3, self.strides, padding=pad)(y)))
     y = bn(train)(make_conv(c, out, 1, padding=pad)(y))
     if x.shape[-1] != out or self.strides != 1:
       x = bn(train, name='proj_bn')(
           make_conv(c, out, 1, self.strides, name='proj', padding=pad)(x))
-    return nn.relu(x + y)
+    return relu(x + y)
 
 
 class ResNetStage(nn.Module):
@@ -100,10 +114,10 @@ class ResNetStage(nn.Module):
   def __call__(self, x, train: bool):
     pad, c = self.padding, self.conv
     if self.stem == 'cifar':
-      x = nn.relu(bn(train, name='stem_bn')(
+      x = relu(bn(train, name='stem_bn')(
           make_conv(c, self.stem_features, 3, name='stem', padding=pad)(x)))
     elif self.stem == 'imagenet':
-      x = nn.relu(bn(train, name='stem_bn')(
+      x = relu(bn(train, name='stem_bn')(
           make_conv(c, self.stem_features, 7, 2, name='stem', padding=pad)(x)))
       x = nn.max_pool(x, (3, 3), strides=(2, 2),
                       padding='SAME' if pad == 'same' else ((1, 1), (1, 1)))
@@ -124,7 +138,7 @@ class VGGStage(nn.Module):
   def __call__(self, x, train: bool):
     for i in range(self.num_convs):
       x = make_conv(self.conv, self.features, 3, name=f'conv{i}')(x)
-      x = nn.relu(bn(train, name=f'bn{i}')(x))
+      x = relu(bn(train, name=f'bn{i}')(x))
     pre = x
     # Ceil-mode pooling (7x7 -> 4x4), so that five blocks fit a 28x28 MNIST image (28 -> 1);
     # on 32x32 inputs it is the same as VGG's floor mode.

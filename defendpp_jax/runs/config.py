@@ -89,7 +89,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   # classifier trained in `classifier_workdir`. Each defence's own fields live under
   # config.defense.<name>.
   config.defense = ml_collections.ConfigDict()
-  config.defense.name = 'none'        # none | comdefend | gaussian_noise
+  # none | comdefend | gaussian_noise | jpeg | bit_depth | median | feature_squeezing | tv_min
+  # | quilting | resize_pad | sap | rse (docs/DEFENCES.md). rse trains its own classifier;
+  # comdefend trains a reformer; the others need no training.
+  config.defense.name = 'none'
   config.defense.classifier_workdir = ''
   # ComDefend (Jia et al. 2019): the run trains the reformer alone on clean images (Adam, as its
   # authors) and deploys it in front of the classifier.
@@ -104,6 +107,57 @@ def get_base_config() -> ml_collections.ConfigDict:
   # the simplest randomised defence, and the reference case of the EOT view.
   config.defense.gaussian_noise = ml_collections.ConfigDict()
   config.defense.gaussian_noise.std = 0.1
+  # The survey's input transformations (Guo et al. 2018, Xu et al. 2018) in front of the
+  # classifier of classifier_workdir. JPEG: the forward pass is Pillow's codec; its BPDA
+  # stand-in (view bpda) is a differentiable JAX JPEG or the identity.
+  config.defense.jpeg = ml_collections.ConfigDict()
+  config.defense.jpeg.quality = 75
+  config.defense.jpeg.stand_in = 'differentiable'   # differentiable | identity
+  config.defense.bit_depth = ml_collections.ConfigDict()
+  config.defense.bit_depth.bits = 0             # 0 = per dataset: 1 MNIST, 5 CIFAR-10 (Xu et al.)
+  config.defense.median = ml_collections.ConfigDict()
+  config.defense.median.size = 2                # window size x size (2 or 3 in Xu et al.)
+  # The feature-squeezing detector: score = max over squeezers of ||softmax(f(x)) -
+  # softmax(f(squeeze(x)))||_1, rejected over the threshold of `false_positive_rate` on the last
+  # `calibration_examples` test images (disjoint from the first eval.num_examples evaluated).
+  config.defense.feature_squeezing = ml_collections.ConfigDict()
+  config.defense.feature_squeezing.squeezers = ()   # () = per dataset: bit_depth_1 / _5, median_2
+  config.defense.feature_squeezing.false_positive_rate = 0.05
+  config.defense.feature_squeezing.calibration_examples = 1000
+  # The detector-aware attack (He et al. 2017): loss - weight * relu(score - 0.8 threshold).
+  config.defense.feature_squeezing.penalty_weight = 10.0
+  # Total-variance minimisation: pixels kept with keep_prob, then argmin ||mask (u - x)||^2 +
+  # lam TV(u), `iters` split-Bregman iterations.
+  config.defense.tv_min = ml_collections.ConfigDict()
+  config.defense.tv_min.keep_prob = 0.5
+  config.defense.tv_min.lam = 0.03
+  config.defense.tv_min.iters = 100
+  # Image quilting: a database of num_patches patch x patch patches of training images (seeded),
+  # tiles with `overlap`, a random one of the k nearest database patches per tile.
+  config.defense.quilting = ml_collections.ConfigDict()
+  config.defense.quilting.num_patches = 20000
+  config.defense.quilting.k = 10
+  config.defense.quilting.patch = 5
+  config.defense.quilting.overlap = 2
+  config.defense.quilting.seed = 0
+  # Random resize & pad (Xie et al. 2018): a random size in [s, S), zero-padded to S = round(
+  # max_scale s) (331 / 299 as published); the softmax averaged over `passes` draws.
+  config.defense.resize_pad = ml_collections.ConfigDict()
+  config.defense.resize_pad.max_scale = 331 / 299
+  config.defense.resize_pad.passes = 1
+  # Stochastic activation pruning (Dhillon et al. 2018) inside the classifier of
+  # classifier_workdir: after every activation (or 'conv': every convolution's output, as the
+  # obfuscated-gradients reference), samples_factor x the layer's size draws with replacement.
+  config.defense.sap = ml_collections.ConfigDict()
+  config.defense.sap.after = 'activation'
+  config.defense.sap.samples_factor = 2.0
+  # Random self-ensemble (Liu et al. 2018): the run trains its classifier with Gaussian noise
+  # before every convolution (input_std on the pixels in [0, 1]: their 0.4 on [-1, 1] inputs;
+  # inner_std inside), on at test time, the softmax averaged over `passes` noisy passes.
+  config.defense.rse = ml_collections.ConfigDict()
+  config.defense.rse.input_std = 0.2
+  config.defense.rse.inner_std = 0.1
+  config.defense.rse.passes = 10
 
   config.eval = ml_collections.ConfigDict()
   config.eval.batch_size = 500

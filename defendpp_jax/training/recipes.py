@@ -31,6 +31,7 @@ from defendpp_jax import losses
 from defendpp_jax import protocol
 from defendpp_jax.defences import classifier as classifier_lib
 from defendpp_jax.defences import comdefend
+from defendpp_jax.defences import noisy_layers
 from defendpp_jax.runs.state import TrainState
 from defendpp_jax.training import objectives
 from defendpp_jax.training import optim
@@ -216,7 +217,37 @@ def comdefend_recipe(config: ml_collections.ConfigDict, ds: data_lib.Dataset,
                 description=f'comdefend reformer width {cd.width}')
 
 
-RECIPES = {'none': classifier_recipe, 'comdefend': comdefend_recipe}
+# ---------------------------------------------------------------------------------------------
+# Random self-ensemble (Liu et al. 2018): the classifier trained with its noise layers on.
+
+# fold_in constant of the noise draws of RSE's training (distinct from the loss's own streams).
+_RSE_STREAM = 0x45E
+
+
+def rse_recipe(config: ml_collections.ConfigDict, ds: data_lib.Dataset,
+               steps_per_epoch: int) -> Recipe:
+  """The classifier recipe with RSE's noise before every convolution (as deployed)."""
+  if config.model.decoder != 'none':
+    raise ValueError("config.defense.name='rse' trains a plain classifier: set "
+                     f"config.model.decoder='none' (got {config.model.decoder!r})")
+  plain = classifier_recipe(config, ds, steps_per_epoch)
+  rc = config.defense.rse
+
+  def loss(params, state, images, labels, key, prepared, frozen):
+    k_in, k_layers = jax.random.split(jax.random.fold_in(key, _RSE_STREAM))
+    noisy = noisy_layers.rse_input(images, k_in, rc.input_std)
+    with noisy_layers.rse_noise(k_layers, 0.0, rc.inner_std):
+      return plain.loss(params, state, noisy, labels, key, prepared, frozen)
+
+  # BatchNorm statistics stay the running averages of noisy batches (the deployed inputs);
+  # precise-BN re-estimation on clean batches would not match them.
+  return dataclasses.replace(
+      plain, loss=loss, precise_bn=False,
+      description=f'{plain.description}; RSE noise {rc.input_std:g} (pixels) / '
+                  f'{rc.inner_std:g} (before every inner convolution)')
+
+
+RECIPES = {'none': classifier_recipe, 'comdefend': comdefend_recipe, 'rse': rse_recipe}
 
 
 def make_recipe(config: ml_collections.ConfigDict, ds: data_lib.Dataset,

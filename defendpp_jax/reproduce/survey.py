@@ -1,0 +1,251 @@
+"""The survey's defences measured as published and adaptively: `--paper=survey`.
+
+Usage:
+  result = run_survey('transforms', workdir='runs/repro', budget='cpu', data_dirs={...})
+  python -m launch.reproduce --paper=survey --table=transforms --workdir=runs/repro \
+      --mnist_dir=../shared/data/mnist --cifar10_dir=../shared/data/cifar10-jpeg
+
+Every defence sits in front of (or, SAP, inside) the same trained plain ResNet-18 of the Defend++
+tables at the same budget (WORKDIR/<dataset>-<budget>/plain, trained if missing); RSE trains its
+own net (WORKDIR/<dataset>-<budget>/rse). Each defence is evaluated in several modes, each an
+attacker's view: `published` (its authors' evaluation: the attacker ignores the defence,
+'oblivious', or differentiates the deployed model as it is with one draw, 'exact'), `naive`
+(the exact gradient of whatever the forward pass computes, one draw: zero through a codec or a
+quantiser) and its adaptive views (BPDA with the stand-ins it declares, EOT over k draws,
+BPDA + EOT, the detector-aware loss). Every mode runs the same attacks (PGD-100, APGD-CE,
+APGD-DLR) at the tables' eps and a smaller one; a mode's accuracy at an eps is its strongest
+attack's (the minimum over attacks). Each evaluation is one robustness.json in
+WORKDIR/<dataset>-<budget>/evals/survey_<defence>_<mode>, reused when its config is unchanged,
+so that a stopped run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any
+
+import ml_collections
+
+from defendpp_jax import files
+from defendpp_jax import protocol
+from defendpp_jax.reproduce import runner
+from defendpp_jax.reproduce import survey_report
+
+TABLES = ('transforms',)
+DATASETS = ('mnist', 'cifar10')
+# The smaller eps of each dataset (the tables' are protocol.LINF_EPS: 0.2 MNIST, 0.05 CIFAR-10).
+SMALL_EPS = {'mnist': 0.1, 'cifar10': 8 / 255}
+# Evaluation at the `cpu` budget: the first 100 test images, EOT over 10 draws, randomised
+# defences over 2 independent draws of everything (attack and classification).
+SURVEY_EVAL = {'eval.num_examples': 100, 'eval.eot_samples': 10, 'eval.eot_chunk': 10,
+               'eval.figures': False, 'model.conv': 'auto'}
+RANDOMISED_DRAWS = 2
+# The `smoke` budget (tests): seconds-long versions of the same evaluations.
+SMOKE_EVAL = {'eval.num_examples': 16, 'eval.eot_samples': 2, 'eval.figures': False,
+              'defense.feature_squeezing.calibration_examples': 32,
+              'defense.quilting.num_patches': 500, 'defense.tv_min.iters': 10,
+              'defense.rse.passes': 2}
+ANCHOR_GUO = ('obfuscated-gradients Table 1, Guo et al. (2018): 0% (ImageNet, L2 0.005 '
+              'normalised; BPDA + EOT)')
+
+
+@dataclasses.dataclass(frozen=True)
+class Mode:
+  """One attacker's view of a defence: a name, its config overrides, what it stands for."""
+  name: str
+  overrides: dict[str, Any]
+  description: str
+
+
+@dataclasses.dataclass(frozen=True)
+class SurveyDefence:
+  name: str                      # config.defense.name
+  category: str                  # the survey's taxonomy
+  published: Mode
+  adaptive: tuple[Mode, ...]
+  anchor: str                    # the published adaptive figure, where one exists
+  randomised: bool = False
+  trains: bool = False           # trains its own classifier (RSE)
+  naive: bool = True             # also the exact view, one draw (if not already published)
+  overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+OBLIVIOUS = Mode('published', {'eval.view': 'oblivious'},
+                 'oblivious: crafted on the classifier alone, then classified through the defence')
+EXACT_ONE_DRAW = Mode('published', {'eval.view': 'exact'},
+                      'exact gradient of the deployed model, one draw of its randomness per step')
+NAIVE = Mode('naive', {'eval.view': 'exact'},
+             'exact gradient of what the forward pass computes, one draw per step')
+BPDA = Mode('bpda', {'eval.view': 'bpda'}, 'BPDA (identity backward)')
+EOT = Mode('eot', {'eval.view': 'eot'}, 'EOT over 10 draws')
+BPDA_EOT = Mode('bpda+eot', {'eval.view': 'bpda+eot'}, 'BPDA (identity) + EOT over 10 draws')
+
+DEFENCES = (
+    SurveyDefence('jpeg', 'input transformation', OBLIVIOUS, (
+        Mode('bpda_jpeg', {'eval.view': 'bpda', 'defense.jpeg.stand_in': 'differentiable'},
+             'BPDA with the differentiable JAX JPEG (straight-through rounding)'),
+        Mode('bpda_identity', {'eval.view': 'bpda', 'defense.jpeg.stand_in': 'identity'},
+             'BPDA (identity backward)')), ANCHOR_GUO),
+    SurveyDefence('bit_depth', 'input transformation (feature squeezing)', OBLIVIOUS, (BPDA,),
+                  ANCHOR_GUO + ' (3-bit)'),
+    SurveyDefence('median', 'input transformation (feature squeezing)', OBLIVIOUS, (
+        Mode('exact', {'eval.view': 'exact'}, 'exact gradient (the median is differentiable)'),),
+        'not in obfuscated-gradients Table 1', naive=False),
+    SurveyDefence('feature_squeezing', 'detection (feature squeezing)', OBLIVIOUS, (
+        Mode('detector_aware', {'eval.view': 'bpda'},
+             'detector-aware loss (He et al. 2017: loss - 10 relu(score - 0.8 threshold)), '
+             'BPDA through the bit-depth squeezer'),),
+        'not in Table 1; He et al. (2017) evade it adaptively', naive=False),
+    SurveyDefence('tv_min', 'input transformation', OBLIVIOUS, (BPDA_EOT,), ANCHOR_GUO,
+                  randomised=True),
+    SurveyDefence('quilting', 'input transformation', OBLIVIOUS, (BPDA_EOT,), ANCHOR_GUO,
+                  randomised=True),
+    SurveyDefence('resize_pad', 'randomisation (input)', OBLIVIOUS, (EOT,),
+                  'obfuscated-gradients Table 1, Xie et al. (2018): 0% (ImageNet, L-inf 0.031; '
+                  'EOT)', randomised=True),
+    SurveyDefence('sap', 'randomisation (model)', EXACT_ONE_DRAW, (EOT,),
+                  'obfuscated-gradients Table 1, Dhillon et al. (2018): 0% (CIFAR-10, L-inf '
+                  '0.031; EOT)', randomised=True, naive=False),
+    SurveyDefence('rse', 'randomisation (model, trained)', EXACT_ONE_DRAW, (EOT,),
+                  'not in Table 1', randomised=True, trains=True, naive=False),
+)
+BY_NAME = {d.name: d for d in DEFENCES}
+
+
+def attack_entries(dataset: str) -> tuple[str, ...]:
+  """PGD-100, APGD-CE and APGD-DLR (100 steps) at the tables' eps and the smaller one."""
+  entries = []
+  for eps in (protocol.linf_eps(dataset, 0.0), SMALL_EPS[dataset]):
+    e = f'{eps:.6g}'
+    entries += [f'pgd(eps={e}, steps=100, label=pgd100_eps{e})',
+                f'apgd(eps={e}, steps=100, loss=ce, label=apgd_ce_eps{e})',
+                f'apgd_dlr(eps={e}, steps=100, label=apgd_dlr_eps{e})']
+  return tuple(entries)
+
+
+def modes(d: SurveyDefence) -> list[Mode]:
+  out = [d.published]
+  if d.naive and d.published.overrides.get('eval.view') != 'exact':
+    out.append(NAIVE)
+  return out + list(d.adaptive)
+
+
+def eval_config(d: SurveyDefence, mode: Mode, dataset: str, budget: str, workdir: str,
+                data_dir: str, seed: int) -> ml_collections.ConfigDict:
+  config = runner.model_config(dataset, 'plain', budget, workdir, data_dir)
+  config.train.seed = seed
+  config.defense.name = d.name
+  if not d.trains:
+    config.defense.classifier_workdir = runner.model_dir(workdir, dataset, budget, 'plain')
+  if d.trains:
+    config.model.conv = 'auto'
+  runner._override(config, SMOKE_EVAL if budget == 'smoke' else SURVEY_EVAL)  # pylint: disable=protected-access
+  runner._override(config, {**d.overrides, **mode.overrides})  # pylint: disable=protected-access
+  config.eval.attacks = attack_entries(dataset)
+  if budget == 'smoke':
+    config.eval.attacks = tuple(a.replace('steps=100', 'steps=3') for a in config.eval.attacks)
+  config.eval.draws = RANDOMISED_DRAWS if d.randomised else 1
+  return config
+
+
+def _train_config(d: SurveyDefence, dataset, budget, workdir, data_dir, seed):
+  config = runner.model_config(dataset, 'plain', budget, workdir, data_dir)
+  config.train.seed = seed
+  if d.trains:
+    config.defense.name = d.name
+    config.model.conv = 'auto'  # a new model: the faster kernels
+  return config
+
+
+def _summary(d: SurveyDefence, mode: Mode, report: dict[str, Any], eval_dir: str,
+             dataset: str) -> dict[str, Any]:
+  """One mode's row: accuracy per eps = the minimum over its attacks, with every attack."""
+  by_eps: dict[str, dict[str, Any]] = {}
+  for r in report['rows']:
+    by_eps.setdefault(f'{r["eps"]:.6g}', {})[r['attack']] = r
+  per_eps = {}
+  for e, rows in by_eps.items():
+    worst = min(rows.values(), key=lambda r: r['accuracy'])
+    per_eps[e] = {'accuracy': worst['accuracy'], 'strongest': worst['attack'],
+                  'attacks': {k: {'accuracy': r['accuracy'], 'correct': r['correct'],
+                                  'seen': r['seen'], 'view': r['view'],
+                                  'eot_samples': r['eot_samples'],
+                                  **({'accuracy_worst': r['accuracy_worst']}
+                                     if 'accuracy_worst' in r else {}),
+                                  **({'detection_rate': r['detection_rate']}
+                                     if 'detection_rate' in r else {})}
+                              for k, r in rows.items()}}
+  return {'mode': mode.name, 'description': mode.description, 'eval_dir': eval_dir,
+          'view': mode.overrides.get('eval.view', 'auto'),
+          'model': report['model'], 'clean_accuracy': report['clean_accuracy'],
+          'clean_accuracy_worst': report.get('clean_accuracy_worst'),
+          'num_examples': report['num_examples'], 'draws': report.get('draws', 1),
+          'per_eps': per_eps, 'sanity_checks_passed': report['sanity_checks_passed'],
+          'failed_checks': [c['name'] for c in report['sanity_checks'] if not c['passed']],
+          'detector': report.get('detector'), 'defence_info': report.get('defence_info')}
+
+
+def run_survey(table: str, workdir: str, budget: str = 'cpu',
+               data_dirs: dict[str, str] | None = None, results_dir: str = 'results',
+               docs_path: str | None = 'docs/DEFENCES.md', seed: int = 0,
+               datasets: tuple[str, ...] = DATASETS,
+               defences: tuple[str, ...] | None = None) -> dict[str, Any]:
+  """Trains (or reuses) the classifiers, evaluates every defence in every mode, writes
+  results/survey_<table>[_<budget>].json / .md and (budget cpu) docs/DEFENCES.md."""
+  if table not in TABLES:
+    raise ValueError(f'--table={table!r} is not one of the survey tables {TABLES}')
+  unknown = sorted(set(defences or ()) - set(BY_NAME))
+  if unknown:
+    raise ValueError(f'--defences: unknown {unknown}; known: {tuple(BY_NAME)}')
+  chosen = [BY_NAME[n] for n in defences] if defences else list(DEFENCES)
+  t0 = time.time()
+  result = {'table': table, 'budget': budget, 'seed': seed, 'datasets': {},
+            'attacks': {ds: list(attack_entries(ds)) for ds in datasets},
+            'eval': SURVEY_EVAL, 'randomised_draws': RANDOMISED_DRAWS}
+  name = f'survey_{table}{"" if budget == "cpu" else "_" + budget}'
+  previous = os.path.join(results_dir, f'{name}.json')
+  if os.path.isfile(previous):  # keep the rows of defences / datasets not run this time
+    with open(previous) as f:
+      result['datasets'] = json.load(f).get('datasets', {})
+  for dataset in datasets:
+    data_dir = (data_dirs or {}).get(dataset, '')
+    plain = _train_config(BY_NAME['jpeg'], dataset, budget, workdir, data_dir, seed)
+    print(f'=== survey {dataset}: classifier in '
+          f'{runner.model_dir(workdir, dataset, budget, "plain")}', flush=True)
+    runner._train(plain, runner.model_dir(workdir, dataset, budget, 'plain'))  # pylint: disable=protected-access
+    rows = result['datasets'].setdefault(dataset, {'defences': []})
+    rows.update(cifar10_is_jpeg_copy=dataset == 'cifar10' and 'jpeg' in data_dir,
+                eps=[protocol.linf_eps(dataset, 0.0), SMALL_EPS[dataset]])
+    for d in chosen:
+      run_dir = runner.model_dir(workdir, dataset, budget, d.name if d.trains else 'plain')
+      if d.trains:
+        print(f'=== survey {dataset}: {d.name} trains in {run_dir}', flush=True)
+        runner._train(_train_config(d, dataset, budget, workdir, data_dir, seed), run_dir)  # pylint: disable=protected-access
+      entry = {'defence': d.name, 'category': d.category, 'anchor': d.anchor,
+               'randomised': d.randomised, 'modes': []}
+      for mode in modes(d):
+        config = eval_config(d, mode, dataset, budget, workdir, data_dir, seed)
+        out_dir = os.path.join(os.path.abspath(workdir), f'{dataset}-{budget}', 'evals',
+                               f'survey_{d.name}_{mode.name}')
+        print(f'=== survey {dataset}: {d.name}, {mode.name} -> {out_dir}', flush=True)
+        target_dir = run_dir if d.trains else out_dir
+        report, eval_dir = runner._evaluate(config, target_dir, out_dir)  # pylint: disable=protected-access
+        entry['modes'].append(_summary(d, mode, report, eval_dir, dataset))
+      order = [x.name for x in DEFENCES]
+      rows['defences'] = sorted([e for e in rows['defences'] if e['defence'] != d.name]
+                                + [entry], key=lambda e: order.index(e['defence']))
+      result['elapsed_s'] = time.time() - t0
+      _write(result, name, results_dir, docs_path if budget == 'cpu' else None)
+  return result
+
+
+def _write(result, name, results_dir, docs_path) -> None:
+  files.write_json(os.path.join(results_dir, f'{name}.json'), result)
+  md = survey_report.markdown(result)
+  files.write_text(os.path.join(results_dir, f'{name}.md'), md)
+  if docs_path:
+    survey_report.write_doc(result, docs_path)
+  print(md, flush=True)
