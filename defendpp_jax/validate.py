@@ -42,7 +42,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if config.eval.apgd_loss not in attack_core.LOSSES:
     raise ValueError(f'config.eval.apgd_loss={config.eval.apgd_loss!r} is not one of '
                      f'{attack_core.LOSSES}')
-  if config.eval.threat_model == 'grey_box' and config.defense.name == 'none':
+  if config.eval.threat_model == 'grey_box' and config.defense.name in registry.CLASSIFIER_RUNS:
     raise ValueError("config.eval.threat_model='grey_box' needs a pre-processing defence "
                      "(config.defense.name='comdefend'): without one nothing is hidden")
   if config.eval.threat_model == 'grey_box' and config.eval.view not in ('auto', 'oblivious'):

@@ -63,6 +63,9 @@ _PADDING = flags.DEFINE_enum('padding', 'torch', ['torch', 'same'], 'config.mode
                              'JAX model (same: the padding of runs saved before the field).')
 _EOT = flags.DEFINE_list('eot', ['1', '10'], 'EOT sample counts k of the EOT-PGD-10 '
                          'measurement (the classifier behind Gaussian input noise); "" = none.')
+_DEFENCES = flags.DEFINE_bool('defences', False, 'Instead: the survey\'s defences (forward of '
+                              'each, TV vs scikit-image, quilting kNN vs the matmul ceiling, '
+                              'EOT-k PGD per randomised defence; launch/benchmark_defences.py).')
 _OPS = flags.DEFINE_bool('ops', False, 'Also time every distinct convolution of the classifier '
                          'alone: forward, input gradient, weight gradient (where the time goes).')
 
@@ -378,8 +381,31 @@ def _emit_convs(records: list[dict]) -> None:
             f'; fwd+dgrad+wgrad {sum(tot.values()):.1f} ms', flush=True)
 
 
+def _main_defences() -> None:
+  from launch import benchmark_defences  # pylint: disable=g-import-not-at-top
+  for shape_s in _INPUT.value:
+    shape = tuple(int(v) for v in shape_s.split('x'))
+    for width in (int(w) for w in _WIDTH.value):
+      records = benchmark_defences.bench_defences(
+          width, shape, _BATCH.value, tuple(int(k) for k in _EOT.value if k), _REPEATS.value)
+      for r in records:
+        r = {**r, 'cpu': cpu_kind()}
+        if _JSON.value:
+          print(json.dumps(r), flush=True)
+        else:
+          what = r.get('defence', '') + (f' eot={r["eot_samples"]}' if 'eot_samples' in r else '')
+          print(f'{r["work"]:16s} {what:22s} w{width} {shape_s} batch {r["batch"]}: '
+                f'{r["img_per_s"]:9.1f} img/s (compile {r["compile_s"]:.1f} s)', flush=True)
+      if not _JSON.value:
+        print(f'CPU: {cpu_kind()}\n  ' + '\n  '.join(benchmark_defences.ratios(records)),
+              flush=True)
+
+
 def main(argv):
   del argv
+  if _DEFENCES.value:
+    _main_defences()
+    return
   steps = [int(s) for s in _STEPS.value]
   for shape_s in _INPUT.value:
     shape = tuple(int(v) for v in shape_s.split('x'))

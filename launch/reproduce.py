@@ -40,7 +40,8 @@ _CIFAR = flags.DEFINE_string('cifar10_dir', '', 'CIFAR-10 python batches ("" = t
 _SEED = flags.DEFINE_integer('seed', 0, 'Training seed of every model.')
 _DATASETS = flags.DEFINE_list('datasets', list(survey.DATASETS), 'Survey: datasets to run.')
 _DEFENCES = flags.DEFINE_list('defences', [], 'Survey: defences to run ([] = all).')
-_DOCS = flags.DEFINE_string('docs', 'docs/DEFENCES.md', 'Survey: the board document.')
+_DOCS = flags.DEFINE_string('docs', '', 'Survey: the board document ("" = docs/DEFENCES.md at '
+                            'the cpu budget, none otherwise).')
 flags.mark_flags_as_required(['table', 'workdir'])
 
 
@@ -51,7 +52,9 @@ def main(argv):
   try:
     if _PAPER.value == 'survey':
       survey.run_survey(_TABLE.value, _WORKDIR.value, _BUDGET.value, data_dirs,
-                        results_dir=_RESULTS.value, docs_path=_DOCS.value or None,
+                        results_dir=_RESULTS.value,
+                        docs_path=_DOCS.value or ('docs/DEFENCES.md' if _BUDGET.value == 'cpu'
+                                                  else None),
                         seed=_SEED.value, datasets=tuple(_DATASETS.value),
                         defences=tuple(_DEFENCES.value) or None)
     else:

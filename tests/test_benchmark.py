@@ -33,3 +33,23 @@ def test_conv_im2col_equals_the_convolution():
     got = benchmark.conv_im2col(x, w, strides, padding)
     assert got.shape == want.shape
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_defence_benchmark_measures_every_defence():
+  # A seconds-long run of `launch.benchmark --defences` on a few of them (all of them compile
+  # for minutes): each deployed defence's forward, the TV solver against scikit-image, the kNN
+  # against the matmul ceiling, EOT-k PGD through the randomised ones, a ratio line for each.
+  from launch import benchmark_defences
+  names = ('jpeg', 'quilting', 'sap')
+  records = benchmark_defences.bench_defences(2, (28, 28, 1), 4, (1, 2), 1, eot_batch=2,
+                                              num_patches=300, names=names)
+  forward = {r['defence'] for r in records if r['work'] == 'defence_forward'}
+  assert forward == {'classifier', *names}
+  eot = {(r['defence'], r['eot_samples']) for r in records if r['work'] == 'defence_eot_pgd'}
+  assert eot == {(d, k) for d in ('quilting', 'sap') for k in (1, 2)}
+  assert all(r['img_per_s'] > 0 for r in records if r['work'] != 'matmul')
+  knn = next(r for r in records if r['work'] == 'knn')
+  assert knn['queries'] == 4 * 9 * 9 and knn['database'] == 300 and knn['dims'] == 25
+  lines = benchmark_defences.ratios(records)
+  assert sum('EOT-2' in line for line in lines) == 2
+  assert any('scikit-image' in line for line in lines)

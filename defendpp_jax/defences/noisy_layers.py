@@ -101,7 +101,7 @@ def sap(module: nn.Module, variables: Any, name: str, after: str = 'activation',
     with sap_pruning(key, after, samples_factor):
       return module.apply(v, x, method=method) if method else module.apply(v, x)
 
-  return base.Defence(f'sap({after})+{name}', apply, variables, randomised=True)
+  return base.Defence(name, apply, variables, randomised=True)
 
 
 def rse_input(x: jax.Array, key: jax.Array, input_std: float) -> jax.Array:

@@ -122,7 +122,7 @@ def _sap(config, workdir, ds, trained) -> base.Defence:
   cls_dir, cls_config = _protected_run_kernels(config)
   variables, _ = saved.restore_variables(cls_dir)
   sc = config.defense.sap
-  return noisy_layers.sap(classifier.module_of(cls_config, ds), variables, run_name(cls_config),
+  return noisy_layers.sap(classifier.module_of(cls_config, ds), variables, run_name(config),
                           sc.after, sc.samples_factor)
 
 
@@ -164,8 +164,10 @@ DEFENCES: dict[str, Builder] = {
     'rse': _rse,
 }
 NAMES = tuple(DEFENCES)
+# Runs that train their own classifier (the others train a pre-processor or nothing).
+CLASSIFIER_RUNS = ('none', 'rse')
 # Defences whose run trains nothing (deployed straight in front of their classifier).
-UNTRAINED = tuple(n for n in NAMES if n not in ('none', 'comdefend', 'rse'))
+UNTRAINED = tuple(n for n in NAMES if n not in CLASSIFIER_RUNS + ('comdefend',))
 
 
 def build(config: ml_collections.ConfigDict, workdir: str, ds: data_lib.Dataset,

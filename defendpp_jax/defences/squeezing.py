@@ -111,8 +111,11 @@ def calibrate(classifier: base.Defence, squeezers: Sequence[base.Preprocessor],
   score = jax.jit(lambda v, x: score_fn(classifier, squeezers)(v, x, None, False)[1])
   scores = np.concatenate([np.asarray(score(classifier.variables, images[i:i + batch_size]))
                            for i in range(0, len(images), batch_size)])
-  # The smallest threshold with at most fpr of the held-out scores strictly above it.
-  return float(np.quantile(scores, 1.0 - false_positive_rate, method='higher')), scores
+  # As EvadeML-Zoo: the ceil(n (1 - fpr))-th smallest score, so that at most fpr of the
+  # held-out scores lie strictly above it (exactly fpr when n fpr is a whole number, no ties).
+  ranked = np.sort(scores)
+  index = max(int(np.ceil(len(ranked) * (1.0 - false_positive_rate))) - 1, 0)
+  return float(ranked[index]), scores
 
 
 def squeezing_detector(classifier: base.Defence, squeezers: Sequence[base.Preprocessor],

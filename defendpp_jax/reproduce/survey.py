@@ -145,8 +145,9 @@ def eval_config(d: SurveyDefence, mode: Mode, dataset: str, budget: str, workdir
   runner._override(config, SMOKE_EVAL if budget == 'smoke' else SURVEY_EVAL)  # pylint: disable=protected-access
   runner._override(config, {**d.overrides, **mode.overrides})  # pylint: disable=protected-access
   config.eval.attacks = attack_entries(dataset)
-  if budget == 'smoke':
-    config.eval.attacks = tuple(a.replace('steps=100', 'steps=3') for a in config.eval.attacks)
+  if budget == 'smoke':  # PGD-3 alone at both eps
+    config.eval.attacks = tuple(a.replace('steps=100', 'steps=3') for a in config.eval.attacks
+                                if a.startswith('pgd'))
   config.eval.draws = RANDOMISED_DRAWS if d.randomised else 1
   return config
 
@@ -190,11 +191,11 @@ def _summary(d: SurveyDefence, mode: Mode, report: dict[str, Any], eval_dir: str
 
 def run_survey(table: str, workdir: str, budget: str = 'cpu',
                data_dirs: dict[str, str] | None = None, results_dir: str = 'results',
-               docs_path: str | None = 'docs/DEFENCES.md', seed: int = 0,
+               docs_path: str | None = None, seed: int = 0,
                datasets: tuple[str, ...] = DATASETS,
                defences: tuple[str, ...] | None = None) -> dict[str, Any]:
   """Trains (or reuses) the classifiers, evaluates every defence in every mode, writes
-  results/survey_<table>[_<budget>].json / .md and (budget cpu) docs/DEFENCES.md."""
+  results/survey_<table>[_<budget>].json / .md and the board into `docs_path` (if given)."""
   if table not in TABLES:
     raise ValueError(f'--table={table!r} is not one of the survey tables {TABLES}')
   unknown = sorted(set(defences or ()) - set(BY_NAME))
@@ -238,7 +239,7 @@ def run_survey(table: str, workdir: str, budget: str = 'cpu',
       rows['defences'] = sorted([e for e in rows['defences'] if e['defence'] != d.name]
                                 + [entry], key=lambda e: order.index(e['defence']))
       result['elapsed_s'] = time.time() - t0
-      _write(result, name, results_dir, docs_path if budget == 'cpu' else None)
+      _write(result, name, results_dir, docs_path)
   return result
 
 

@@ -60,15 +60,19 @@ def board(result: dict[str, Any], dataset: str) -> list[str]:
   n = ds['defences'][0]['modes'][0]['num_examples'] if ds['defences'] else 0
   lines = [f'### {dataset}{jpeg}: L-inf eps {e0} and {e1}, {n} test images', '',
            '| defence | category | clean | as published | naive (exact, 1 draw) | adaptive '
-           '(strongest view) | gap | checks that fired | published adaptive figure |',
+           '(strongest view) | gap (published / naive - adaptive) | checks that fired | '
+           'published adaptive figure |',
            '|---|---|---|---|---|---|---|---|---|']
   for entry in ds['defences']:
     pub, naive = _mode(entry, 'published'), _mode(entry, 'naive')
     ad0, ad1 = _adaptive(entry, e0), _adaptive(entry, e1)
-    gap = '-'
-    if pub and ad0:
-      gap = f'{100 * (pub["per_eps"][e0]["accuracy"] - ad0["per_eps"][e0]["accuracy"]):+.1f}'
-    fired = sorted({c for m in entry['modes'] for c in m['failed_checks']})
+    gaps = []
+    for m in (pub, naive):
+      if m and ad0 and e0 in m['per_eps']:
+        gaps.append(f'{100 * (m["per_eps"][e0]["accuracy"] - ad0["per_eps"][e0]["accuracy"]):+.1f}')
+    gap = ' / '.join(gaps) or '-'
+    fired = [f'{m["mode"]}: ' + ', '.join(c.split(' (')[0] for c in m['failed_checks'])
+             for m in entry['modes'] if m['failed_checks']]
     adaptive = (f'{_cell(ad0, e0)} / {_cell(ad1, e1)} ({ad0["mode"]})' if ad0 else '-')
     lines.append(
         f'| {entry["defence"]} | {entry["category"]} | {_clean(entry)} | '
@@ -104,8 +108,8 @@ def markdown(result: dict[str, Any]) -> str:
            f'`{result["budget"]}`, seed {result["seed"]})', '',
            'Accuracy in % at the two eps (tables\' / smaller); a mode\'s figure is the minimum '
            'over its attacks (PGD-100, APGD-CE, APGD-DLR, 100 steps each); randomised defences: '
-           f'means over {result["randomised_draws"]} draws. gap = as published - adaptive at '
-           'the first eps.', '']
+           f'means over {result["randomised_draws"]} draws. gap = as published (and naive) minus '
+           'adaptive, at the first eps, in points.', '']
   for dataset in result['datasets']:
     lines += board(result, dataset) + ['']
   for dataset in result['datasets']:

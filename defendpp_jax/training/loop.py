@@ -56,7 +56,7 @@ def warm_start(state: state_lib.TrainState, config: ml_collections.ConfigDict,
   the same classifier: same dataset, architecture, width, stem and padding.
   """
   src_dir = config.train.init_from
-  if config.defense.name != 'none':
+  if config.defense.name not in registry.CLASSIFIER_RUNS:
     raise ValueError(f'config.train.init_from initialises a classifier; a '
                      f'config.defense.name={config.defense.name!r} run trains a reformer')
   src_config = saved.config_of_run(src_dir)
@@ -134,7 +134,7 @@ def _check_finite(first_bad: jax.Array, step: int, ckpt: checkpointing.Checkpoin
 
 def _describe(config, recipe, state, ds, total_steps) -> str:
   n_params = sum(p.size for p in jax.tree_util.tree_leaves(state.params))
-  if config.defense.name == 'none':
+  if config.defense.name in registry.CLASSIFIER_RUNS:
     n_cls = sum(p.size for p in jax.tree_util.tree_leaves(state.params['classifier']))
     what = f'{recipe.description}; {n_params:,} params ({n_cls:,} in the classifier)'
   else:
@@ -286,7 +286,8 @@ def _summary(config, workdir, ds, state, bn_statistics, mesh) -> dict[str, Any]:
              'model': registry.run_name(config), 'bn_statistics': bn_statistics,
              **dnn.conv_kernels(config.model.conv), 'num_devices': jax.device_count(),
              'config': config.to_dict()}
-  if config.defense.name != 'none' and not config.defense.classifier_workdir:
+  if (config.defense.name not in registry.CLASSIFIER_RUNS
+      and not config.defense.classifier_workdir):
     # a reformer without a classifier: report its reconstruction error only
     summary.update(clean_accuracy=None, correct=None, seen=len(ds.test_labels))
     return summary

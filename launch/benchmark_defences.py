@@ -1,0 +1,163 @@
+"""The survey's defences in the benchmark (`python -m launch.benchmark --defences`).
+
+  python -m launch.benchmark --defences --width=8 --input=28x28x1 --batch=128 --json
+
+Measured in one run, on random images and a randomly initialised ResNet-18 (the cost of a
+defence does not depend on its weights):
+  - each deployed defence's forward pass (the classifier behind / around it), img/s, and the
+    bare classifier's, so that each defence's cost is also a ratio;
+  - TV minimisation jitted over the batch (all pixels kept) vs scikit-image's
+    `denoise_tv_bregman` image by image on the same images and iterations (ratio);
+  - quilting's exact kNN (chunked matmuls) in GFLOP/s, as a fraction of the machine's fp32
+    matmul ceiling (a 2048 x 2048 matmul, timed in the same run);
+  - PGD-10 with EOT over k draws through each randomised defence, as a ratio to k x EOT-1
+    (the target: <= 1.1).
+Records: {"work": "defence_forward" | "tv_vs_skimage" | "knn" | "matmul" | "defence_eot_pgd",
+"defence", ...}. Time nothing else on the machine while this runs.
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from defendpp_jax import attacks
+from defendpp_jax import defences
+from defendpp_jax.defences import noisy_layers
+from defendpp_jax.defences import quilting
+from defendpp_jax.defences import squeezing
+from defendpp_jax.defences import tv_min
+from defendpp_jax.nn import classifiers
+
+
+def _timed(fn, repeats: int) -> tuple[float, float]:
+  """(first call seconds incl. compile, median of `repeats` further calls)."""
+  t0 = time.perf_counter()
+  jax.block_until_ready(fn())
+  first = time.perf_counter() - t0
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - t0)
+  return first, float(np.median(times))
+
+
+def _setup(width: int, shape, batch: int, num_patches: int = 20000):
+  rng = np.random.default_rng(0)
+  x = rng.uniform(size=(batch, *shape)).astype(np.float32)
+  y = rng.integers(0, 10, batch).astype(np.int32)
+  held_out = rng.uniform(size=(64, *shape)).astype(np.float32)
+  module = classifiers.Classifier('resnet18', 10, width=width, image_size=shape[0],
+                                  mean=(0.5,) * shape[2], std=(0.25,) * shape[2])
+  variables = module.init(jax.random.key(0), jnp.asarray(x[:2]))
+  net = defences.from_flax(module, variables, name='resnet18', method=None)
+  db = quilting.patch_database(rng.uniform(size=(256, *shape)).astype(np.float32),
+                               num_patches, jax.random.key(1))
+  bits = 1 if shape[2] == 1 else 5
+  built = {
+      'classifier': net,
+      'jpeg': defences.preprocess(defences.jpeg.jpeg(75), net),
+      'bit_depth': defences.preprocess(squeezing.bit_depth(bits), net),
+      'median': defences.preprocess(squeezing.median(2), net),
+      'feature_squeezing': squeezing.squeezing_detector(
+          net, [squeezing.bit_depth(bits), squeezing.median(2)], held_out),
+      'tv_min': defences.preprocess(tv_min.tv_min(0.5, 0.03, 100), net),
+      'quilting': defences.preprocess(quilting.quilting(db), net),
+      'resize_pad': defences.preprocess(defences.resize_pad(), net),
+      'sap': noisy_layers.sap(module, variables, 'resnet18', method=None),
+      'rse': noisy_layers.rse(module, variables, 'resnet18', passes=10, method=None),
+  }
+  return x, y, built, db
+
+
+def bench_defences(width: int, shape, batch: int, eot: tuple[int, ...], repeats: int,
+                   eot_batch: int = 32, num_patches: int = 20000,
+                   names: tuple[str, ...] | None = None) -> list[dict]:
+  """The records of every defence (or of `names`, with 'classifier' always measured)."""
+  x, y, built, db = _setup(width, shape, batch, num_patches)
+  if names:
+    built = {n: d for n, d in built.items() if n in names or n == 'classifier'}
+  base = {'arch': 'resnet18', 'width': width, 'input': 'x'.join(map(str, shape)),
+          'framework': 'jax'}
+  out = []
+  key = jax.random.key(2)
+  for name, d in built.items():
+    fwd = jax.jit(lambda v, x, k, d=d: d.logits(v, x, k))
+    c, t = _timed(lambda: fwd(d.variables, x, key), repeats)
+    out.append({**base, 'work': 'defence_forward', 'defence': name, 'batch': batch,
+                'img_per_s': batch / t, 'compile_s': c})
+  out.append(_tv_vs_skimage(x[:16], base, repeats))
+  out += _knn(x, db, base, repeats)
+  xs, ys = x[:eot_batch], y[:eot_batch]
+  for name, d in built.items():
+    if not d.randomised:
+      continue
+    view = 'bpda+eot' if d.stand_ins else 'eot'
+    for k in eot:
+      fn = jax.jit(lambda v, x, y, key, d=d, k=k: attacks.pgd(
+          d.attack_model(view, eot_samples=k, eot_chunk=k, variables=v), x, y, eps=0.1,
+          step_size=0.01, num_steps=10, key=key))
+      c, t = _timed(lambda: fn(d.variables, xs, ys, key), max(2, repeats // 2))
+      out.append({**base, 'work': 'defence_eot_pgd', 'defence': name, 'view': view,
+                  'steps': 10, 'eot_samples': k, 'batch': eot_batch,
+                  'img_per_s': eot_batch / t, 'compile_s': c})
+  return out
+
+
+def _tv_vs_skimage(x, base, repeats) -> dict:
+  mask = jnp.ones(x.shape[:3], bool)
+  ours = jax.jit(lambda x, m: tv_min.tv_minimise(x, m, 0.03, 100))
+  c, t_ours = _timed(lambda: ours(x, mask), repeats)
+  t0 = time.perf_counter()
+  tv_min.skimage_reference(np.asarray(x), 0.03, 100)
+  t_ref = time.perf_counter() - t0
+  return {**base, 'work': 'tv_vs_skimage', 'batch': len(x), 'iters': 100,
+          'img_per_s': len(x) / t_ours, 'skimage_img_per_s': len(x) / t_ref,
+          'ratio': t_ref / t_ours, 'compile_s': c}
+
+
+def _knn(x, db, base, repeats) -> list[dict]:
+  """Quilting's kNN on the tiles of a batch, and the matmul ceiling of the same run."""
+  starts = quilting.tile_starts(x.shape[1])
+  p = db.shape[1]
+  tiles = np.stack([x[:, i:i + p, j:j + p, :] for i in starts for j in starts], 1)
+  queries = jnp.asarray(tiles.reshape(-1, p * p * x.shape[-1]))
+  flat = jnp.asarray(np.asarray(db).reshape(len(db), -1))
+  knn = jax.jit(lambda q, d: quilting.nearest_patches(q, d, 10))
+  c, t = _timed(lambda: knn(queries, flat), repeats)
+  flops = 2.0 * queries.shape[0] * flat.shape[0] * flat.shape[1]
+  a = jnp.asarray(np.random.default_rng(3).normal(size=(2048, 2048)).astype(np.float32))
+  mm = jax.jit(lambda a: a @ a)
+  _, t_mm = _timed(lambda: mm(a), repeats)
+  ceiling = 2.0 * 2048 ** 3 / t_mm / 1e9
+  return [{**base, 'work': 'knn', 'queries': int(queries.shape[0]), 'database': len(db),
+           'dims': int(flat.shape[1]), 'gflop_per_s': flops / t / 1e9,
+           'fraction_of_matmul': flops / t / 1e9 / ceiling, 'compile_s': c,
+           'batch': len(x), 'img_per_s': len(x) / t},
+          {**base, 'work': 'matmul', 'n': 2048, 'gflop_per_s': ceiling, 'batch': 1,
+           'img_per_s': 0.0, 'compile_s': 0.0}]
+
+
+def ratios(records: list[dict]) -> list[str]:
+  """The one-run ratios: each defence's forward vs the classifier's, TV vs scikit-image,
+  kNN vs the matmul ceiling, EOT-k vs k x EOT-1 per randomised defence."""
+  fwd = {r['defence']: r['img_per_s'] for r in records if r['work'] == 'defence_forward'}
+  out = [f'{n} forward = {v / fwd["classifier"]:.3f} x the classifier\'s'
+         for n, v in fwd.items() if n != 'classifier']
+  out += [f'TV minimisation (batch of {r["batch"]}, {r["iters"]} iterations): '
+          f'{r["ratio"]:.1f} x faster than scikit-image image by image'
+          for r in records if r['work'] == 'tv_vs_skimage']
+  out += [f'quilting kNN: {r["gflop_per_s"]:.0f} GFLOP/s = {100 * r["fraction_of_matmul"]:.0f}%'
+          ' of the matmul ceiling' for r in records if r['work'] == 'knn']
+  eot = {}
+  for r in records:
+    if r['work'] == 'defence_eot_pgd':
+      eot.setdefault(r['defence'], {})[r['eot_samples']] = r['img_per_s']
+  for n, by_k in eot.items():
+    out += [f'{n}: EOT-{k} PGD-10 time / ({k} x EOT-1) = {by_k[1] / (k * v):.2f}'
+            for k, v in by_k.items() if k > 1 and 1 in by_k]
+  return out

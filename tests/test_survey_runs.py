@@ -1,0 +1,156 @@
+"""The survey's defences as runs: evaluated in front of a trained classifier run (the issue's
+command), RSE trained through its recipe, and the survey board at the smoke budget (its files,
+its resume, its errors).
+
+Run: JAX_COMPILATION_CACHE_DIR=.cache/jax python -m pytest -q tests/test_survey_runs.py
+"""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from configs import quickstart
+from conftest import SHARED_DATA
+from conftest import run_python_args
+from defendpp_jax import data as data_lib
+from defendpp_jax import evaluation
+from defendpp_jax import training
+from defendpp_jax import validate
+from defendpp_jax.defences import registry
+from defendpp_jax.reproduce import survey
+from defendpp_jax.training import recipes
+
+
+def _smoke(decoder='none'):
+  config = quickstart.get_config('smoke')
+  config.model.decoder = decoder
+  config.data.test_limit = 96
+  config.eval.num_examples = 24
+  config.eval.attacks = ('fgsm', 'pgd(steps=3)')
+  config.eval.figures = False
+  return config
+
+
+@pytest.fixture(scope='module')
+def plain_run(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp('survey') / 'plain')
+  config = _smoke()
+  training.train_and_evaluate(config, workdir)
+  return config, workdir
+
+
+def test_the_issue_command_evaluates_jpeg_in_front_of_a_trained_run(plain_run, tmp_path):
+  _, run = plain_run
+  out = tmp_path / 'jpeg'
+  run_python_args(['-m', 'launch.evaluate', '--config=configs/quickstart.py:smoke',
+                   f'--workdir={out}', '--config.defense.name=jpeg',
+                   f'--config.defense.classifier_workdir={run}', '--config.eval.view=bpda',
+                   '--config.data.test_limit=96', '--config.eval.num_examples=24',
+                   "--config.eval.attacks=('fgsm',)", '--config.eval.figures=False'])
+  report = json.loads((out / 'robustness.json').read_text())
+  assert report['model'] == 'jpeg-q75' and report['step'] is None
+  assert report['stand_ins'] == [['jpeg(quality=75)',
+                                  'differentiable JPEG (JAX, straight-through rounding)']]
+  assert [r['view'] for r in report['rows']] == ['bpda']
+  assert report['rows'][0]['seen'] == 24
+
+
+def test_every_untrained_defence_builds_and_classifies_in_front_of_the_run(plain_run):
+  config, run = plain_run
+  ds = data_lib.dataset_of(config)
+  x, y = ds.test_images[:8], ds.test_labels[:8]
+  for name in registry.UNTRAINED:
+    c = config.copy_and_resolve_references()
+    c.defense.name = name
+    c.defense.classifier_workdir = run
+    c.defense.quilting.num_patches = 300
+    c.defense.tv_min.iters = 5
+    c.defense.feature_squeezing.calibration_examples = 64
+    validate.validate_config(c)
+    defence = registry.build(c, '', ds)
+    assert defence.name == registry.run_name(c)
+    key = jax.random.key(0) if defence.randomised else None
+    logits = np.asarray(jax.jit(defence.logits)(defence.variables, x, key))
+    classes = ds.num_classes + (1 if defence.rejects else 0)
+    assert logits.shape == (8, classes) and np.all(np.isfinite(logits)), name
+  # A detector calibrated on images it is also evaluated on would under-state its false
+  # positives: the calibration images must lie beyond the evaluated ones.
+  c = config.copy_and_resolve_references()
+  c.defense.update(name='feature_squeezing', classifier_workdir=run)
+  c.defense.feature_squeezing.calibration_examples = 90
+  with pytest.raises(ValueError, match='calibration_examples'):
+    registry.build(c, '', ds)
+
+
+def test_rse_trains_with_its_noise_on_and_deploys_randomised(tmp_path):
+  config = _smoke()
+  config.defense.name = 'rse'
+  config.defense.rse.passes = 2
+  ds = data_lib.dataset_of(config)
+  recipe = recipes.make_recipe(config, ds, 4)
+  state = recipe.init(jax.random.key(0))
+  x, y = ds.train_images[:8], ds.train_labels[:8]
+
+  def ce(key, std):
+    c = config.copy_and_resolve_references()
+    c.defense.rse.input_std = c.defense.rse.inner_std = std
+    loss = recipes.make_recipe(c, ds, 4).loss
+    return float(loss(state.params, state, x, y, key, None, None)[0]['ce'])
+
+  # The noise is drawn from the step's key: two keys differ, no noise does not depend on it.
+  assert ce(jax.random.key(1), 0.2) != ce(jax.random.key(2), 0.2)
+  assert ce(jax.random.key(1), 0.0) == ce(jax.random.key(2), 0.0)
+  assert not recipe.precise_bn  # BN statistics stay those of the noisy batches
+  workdir = str(tmp_path / 'rse')
+  summary = training.train_and_evaluate(config, workdir)
+  assert np.isfinite(summary['clean_accuracy'])
+  report = evaluation.evaluate(config, workdir, progress=False)
+  assert report['randomised'] and report['model'].endswith('-rse-x2')
+  assert {r['view'] for r in report['rows']} == {'eot'}
+  bad = _smoke('pyramid')
+  bad.defense.name = 'rse'
+  with pytest.raises(ValueError, match="decoder='none'"):
+    recipes.make_recipe(bad, ds, 4)
+
+
+def test_survey_board_writes_results_and_resumes(tmp_path):
+  data_dirs = {'mnist': os.path.join(SHARED_DATA, 'mnist')}
+  kwargs = dict(workdir=str(tmp_path / 'w'), budget='smoke', data_dirs=data_dirs,
+                results_dir=str(tmp_path / 'results'), docs_path=str(tmp_path / 'DEFENCES.md'),
+                datasets=('mnist',), defences=('bit_depth', 'feature_squeezing'))
+  result = survey.run_survey('transforms', **kwargs)
+  entries = result['datasets']['mnist']['defences']
+  assert [e['defence'] for e in entries] == ['bit_depth', 'feature_squeezing']
+  assert [m['mode'] for m in entries[0]['modes']] == ['published', 'naive', 'bpda']
+  assert [m['mode'] for m in entries[1]['modes']] == ['published', 'detector_aware']
+  for e in entries:
+    for m in e['modes']:
+      assert sorted(m['per_eps']) == ['0.1', '0.2']
+      for pe in m['per_eps'].values():
+        assert pe['accuracy'] == min(a['accuracy'] for a in pe['attacks'].values())
+        assert len(pe['attacks']) == 1  # the smoke budget runs PGD alone
+  assert entries[1]['modes'][0]['detector']['clean_rejected'] >= 0
+  saved = json.loads((tmp_path / 'results' / 'survey_transforms_smoke.json').read_text())
+  assert saved['datasets']['mnist']['defences'][0]['defence'] == 'bit_depth'
+  doc = (tmp_path / 'DEFENCES.md').read_text()
+  assert survey_marker_count(doc) == 2 and '| bit_depth |' in doc
+  # Re-running reuses every evaluation (the same directories, not re-written) and keeps the
+  # rows of defences not run this time.
+  evals = [m['eval_dir'] for e in entries for m in e['modes']]
+  mtimes = [os.path.getmtime(os.path.join(d, 'robustness.json')) for d in evals]
+  again = survey.run_survey('transforms', **{**kwargs, 'defences': ('bit_depth',)})
+  assert [os.path.getmtime(os.path.join(d, 'robustness.json')) for d in evals] == mtimes
+  assert [e['defence'] for e in again['datasets']['mnist']['defences']] == [
+      'bit_depth', 'feature_squeezing']
+  with pytest.raises(ValueError, match='--defences'):
+    survey.run_survey('transforms', **{**kwargs, 'defences': ('nope',)})
+  with pytest.raises(ValueError, match='--table'):
+    survey.run_survey('board', **kwargs)
+
+
+def survey_marker_count(doc: str) -> int:
+  from defendpp_jax.reproduce import survey_report
+  return doc.count(survey_report.START) + doc.count(survey_report.END)
