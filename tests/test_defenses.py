@@ -130,6 +130,6 @@ def test_grey_box_without_a_reformer_is_an_error():
   with pytest.raises(ValueError, match='config.eval.threat_model'):
     validate.validate_config(config)
   config.eval.threat_model = 'white_box'
-  config.defense.name = 'jpeg'
+  config.defense.name = 'no_such_defence'
   with pytest.raises(ValueError, match='config.defense.name'):
     validate.validate_config(config)

@@ -658,3 +658,19 @@ def test_randomised_output_diagnostic_fires_without_eot():
     check = check_named(checks, phrase)
     assert check['value'] > 0 and check['passed'] is passed, check
     assert ('without EOT: pgd' in check['name']) is not passed
+
+
+def test_a_detector_aware_attack_counts_only_undetected_misclassifications_as_success():
+  # Two points, both misclassified by the logits; the penalty (the detector's hinge) is
+  # positive at the first: only the second is a success, and `verified` keeps x there.
+  from defendpp_jax.attacks import core
+  logits = lambda x, key: jnp.stack([x[:, 0, 0, 0], 1.0 - x[:, 0, 0, 0]], -1)
+  penalty = lambda x, key: jnp.where(x[:, 0, 0, 1] > 0.5, 1.0, 0.0)
+  model = core.AttackModel(logits, penalty=penalty)
+  x = jnp.zeros((2, 1, 1, 2)).at[0, 0, 0, 1].set(1.0)   # both predict class 1
+  y = jnp.zeros((2,), jnp.int32)
+  np.testing.assert_array_equal(model.adversarial(model.logits(x, None), x, None, y),
+                                [False, True])
+  clean = jnp.ones_like(x)
+  kept = core.verified(model, x, clean, y, None, None)
+  np.testing.assert_array_equal(kept[:, 0, 0], np.stack([clean[0, 0, 0], x[1, 0, 0]]))

@@ -119,7 +119,7 @@ def pgd(logits_fn, x: Array, y: Array, *, eps, step_size, num_steps: int,
     best_x, best_fooled, best_loss = carry
     xa, check_key = one_run(run_key)
     logits = model.logits(xa, check_key)
-    fooled = core.is_adversarial(logits, y, target)
+    fooled = model.adversarial(logits, xa, check_key, y, target)
     value = obj(logits)
     # Lexicographic (fooled, loss): a fooling restart beats any non-fooling one.
     better = (fooled & ~best_fooled) | ((fooled == best_fooled) & (value > best_loss))
@@ -218,9 +218,10 @@ def apgd(logits_fn, x: Array, y: Array, *, eps, num_steps: int, key: Array,
   bcast = lambda m: core.per_example(m, x)
 
   x_init = _apgd_start(key, x, eps, norm)
-  fooled_clean = core.is_adversarial(model.logits(x, keys(core.FINAL_STEP)), y, target)
+  fooled_clean = model.adversarial(model.logits(x, keys(core.FINAL_STEP)), x,
+                                   keys(core.FINAL_STEP), y, target)
   loss0, logits0, grad0 = model.value_and_grad(obj, x_init, keys(0))
-  fooled0 = core.is_adversarial(logits0, y, target)
+  fooled0 = model.adversarial(logits0, x_init, keys(0), y, target)
   windows = jnp.asarray(apgd_checkpoints(num_steps))
 
   def ascent(x_cur, grad, step):
@@ -235,7 +236,7 @@ def apgd(logits_fn, x: Array, y: Array, *, eps, num_steps: int, key: Array,
     x_new = core.project(x_cur + a * (z - x_cur) + (1 - a) * (x_cur - x_prev), x, eps, norm)
 
     loss_new, logits, grad_new = model.value_and_grad(obj, x_new, keys(i + 1))
-    fooled_now = core.is_adversarial(logits, y, target)
+    fooled_now = model.adversarial(logits, x_new, keys(i + 1), y, target)
     x_best_adv = jnp.where(bcast(fooled_now), x_new, c['x_best_adv'])
     improved = loss_new > c['loss_best']
     x_best = jnp.where(bcast(improved), x_new, c['x_best'])

@@ -72,6 +72,15 @@ class AttackModel:
     return jax.tree_util.tree_map(
         lambda a: a.mean(0) if jnp.issubdtype(a.dtype, jnp.floating) else a[0], out)
 
+  def adversarial(self, logits: Array, x: Array, key: Array | None, y: Array,
+                  target: Array | None = None) -> Array:
+    """Success per example: misclassified (or the target) and, with a penalty (a detector),
+    not penalised (the detector's score under its hinge)."""
+    ok = is_adversarial(logits, y, target)
+    if self.penalty is not None:
+      ok = ok & (self.penalty(x, key) <= 0)
+    return ok
+
   def value_and_grad(self, objective: Objective, x: Array, key: Array | None
                      ) -> tuple[Array, Array, Array]:
     """(per-example objective, logits, input gradient of each example's objective)."""
@@ -262,5 +271,5 @@ def verified(model: AttackModel, candidate: Array, x: Array, y: Array, target: A
   The logits that selected the candidate came from inside a gradient computation, which XLA
   may fuse differently; points on the decision boundary could flip. This costs one forward pass.
   """
-  ok = is_adversarial(model.logits(candidate, key), y, target)
+  ok = model.adversarial(model.logits(candidate, key), candidate, key, y, target)
   return jnp.where(per_example(ok, x), candidate, x)

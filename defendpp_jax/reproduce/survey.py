@@ -109,8 +109,12 @@ DEFENCES = (
     SurveyDefence('sap', 'randomisation (model)', EXACT_ONE_DRAW, (EOT,),
                   'obfuscated-gradients Table 1, Dhillon et al. (2018): 0% (CIFAR-10, L-inf '
                   '0.031; EOT)', randomised=True, naive=False),
-    SurveyDefence('rse', 'randomisation (model, trained)', EXACT_ONE_DRAW, (EOT,),
-                  'not in Table 1', randomised=True, trains=True, naive=False),
+    # RSE's prediction is already the average of 10 noisy passes: EOT over 2 draws of it
+    # averages the gradient over 20 draws of the noise (EOT-10 would cost 100 passes a step).
+    SurveyDefence('rse', 'randomisation (model, trained)', EXACT_ONE_DRAW, (
+        Mode('eot', {'eval.view': 'eot', 'eval.eot_samples': 2},
+             'EOT over 2 draws of the 10-pass prediction (20 noise draws)'),),
+        'not in Table 1', randomised=True, trains=True, naive=False),
 )
 BY_NAME = {d.name: d for d in DEFENCES}
 
@@ -207,10 +211,8 @@ def run_survey(table: str, workdir: str, budget: str = 'cpu',
             'attacks': {ds: list(attack_entries(ds)) for ds in datasets},
             'eval': SURVEY_EVAL, 'randomised_draws': RANDOMISED_DRAWS}
   name = f'survey_{table}{"" if budget == "cpu" else "_" + budget}'
-  previous = os.path.join(results_dir, f'{name}.json')
-  if os.path.isfile(previous):  # keep the rows of defences / datasets not run this time
-    with open(previous) as f:
-      result['datasets'] = json.load(f).get('datasets', {})
+  path = os.path.join(results_dir, f'{name}.json')
+  result['datasets'] = _saved_datasets(path)  # keep the rows of defences / datasets not run
   for dataset in datasets:
     data_dir = (data_dirs or {}).get(dataset, '')
     plain = _train_config(BY_NAME['jpeg'], dataset, budget, workdir, data_dir, seed)
@@ -239,8 +241,17 @@ def run_survey(table: str, workdir: str, budget: str = 'cpu',
       rows['defences'] = sorted([e for e in rows['defences'] if e['defence'] != d.name]
                                 + [entry], key=lambda e: order.index(e['defence']))
       result['elapsed_s'] = time.time() - t0
+      # Another run (e.g. of the other dataset) may have written meanwhile: keep its datasets.
+      result['datasets'] = {**_saved_datasets(path), dataset: rows}
       _write(result, name, results_dir, docs_path)
   return result
+
+
+def _saved_datasets(path: str) -> dict[str, Any]:
+  if not os.path.isfile(path):
+    return {}
+  with open(path) as f:
+    return json.load(f).get('datasets', {})
 
 
 def _write(result, name, results_dir, docs_path) -> None:
