@@ -31,19 +31,7 @@ from defendpp_jax.defences import quilting
 from defendpp_jax.defences import squeezing
 from defendpp_jax.defences import tv_min
 from defendpp_jax.nn import classifiers
-
-
-def _timed(fn, repeats: int) -> tuple[float, float]:
-  """(first call seconds incl. compile, median of `repeats` further calls)."""
-  t0 = time.perf_counter()
-  jax.block_until_ready(fn())
-  first = time.perf_counter() - t0
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - t0)
-  return first, float(np.median(times))
+from launch.benchmark import _time
 
 
 def _setup(width: int, shape, batch: int, num_patches: int = 20000):
@@ -87,7 +75,7 @@ def bench_defences(width: int, shape, batch: int, eot: tuple[int, ...], repeats:
   key = jax.random.key(2)
   for name, d in built.items():
     fwd = jax.jit(lambda v, x, k, d=d: d.logits(v, x, k))
-    c, t = _timed(lambda: fwd(d.variables, x, key), repeats)
+    c, t = _time(lambda: fwd(d.variables, x, key), repeats)
     out.append({**base, 'work': 'defence_forward', 'defence': name, 'batch': batch,
                 'img_per_s': batch / t, 'compile_s': c})
   out.append(_tv_vs_skimage(x[:16], base, repeats))
@@ -101,7 +89,7 @@ def bench_defences(width: int, shape, batch: int, eot: tuple[int, ...], repeats:
       fn = jax.jit(lambda v, x, y, key, d=d, k=k: attacks.pgd(
           d.attack_model(view, eot_samples=k, eot_chunk=k, variables=v), x, y, eps=0.1,
           step_size=0.01, num_steps=10, key=key))
-      c, t = _timed(lambda: fn(d.variables, xs, ys, key), max(2, repeats // 2))
+      c, t = _time(lambda: fn(d.variables, xs, ys, key), max(2, repeats // 2))
       out.append({**base, 'work': 'defence_eot_pgd', 'defence': name, 'view': view,
                   'steps': 10, 'eot_samples': k, 'batch': eot_batch,
                   'img_per_s': eot_batch / t, 'compile_s': c})
@@ -111,7 +99,7 @@ def bench_defences(width: int, shape, batch: int, eot: tuple[int, ...], repeats:
 def _tv_vs_skimage(x, base, repeats) -> dict:
   mask = jnp.ones(x.shape[:3], bool)
   ours = jax.jit(lambda x, m: tv_min.tv_minimise(x, m, 0.03, 100))
-  c, t_ours = _timed(lambda: ours(x, mask), repeats)
+  c, t_ours = _time(lambda: ours(x, mask), repeats)
   t0 = time.perf_counter()
   tv_min.skimage_reference(np.asarray(x), 0.03, 100)
   t_ref = time.perf_counter() - t0
@@ -128,11 +116,11 @@ def _knn(x, db, base, repeats) -> list[dict]:
   queries = jnp.asarray(tiles.reshape(-1, p * p * x.shape[-1]))
   flat = jnp.asarray(np.asarray(db).reshape(len(db), -1))
   knn = jax.jit(lambda q, d: quilting.nearest_patches(q, d, 10))
-  c, t = _timed(lambda: knn(queries, flat), repeats)
+  c, t = _time(lambda: knn(queries, flat), repeats)
   flops = 2.0 * queries.shape[0] * flat.shape[0] * flat.shape[1]
   a = jnp.asarray(np.random.default_rng(3).normal(size=(2048, 2048)).astype(np.float32))
   mm = jax.jit(lambda a: a @ a)
-  _, t_mm = _timed(lambda: mm(a), repeats)
+  _, t_mm = _time(lambda: mm(a), repeats)
   ceiling = 2.0 * 2048 ** 3 / t_mm / 1e9
   return [{**base, 'work': 'knn', 'queries': int(queries.shape[0]), 'database': len(db),
            'dims': int(flat.shape[1]), 'gflop_per_s': flops / t / 1e9,
