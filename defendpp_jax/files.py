@@ -3,6 +3,7 @@
 Usage:
   write_json('results/table2.json', result)
   write_text('results/table2.md', markdown)
+  write_npz('runs/x/hgd_trainset.npz', adversarial=a, labels=y)
 """
 
 from __future__ import annotations
@@ -38,3 +39,13 @@ def write_text(path: str, text: str) -> None:
 def write_json(path: str, obj: Any, sort_keys: bool = False) -> None:
   """Writes `obj` as indented JSON to `path`, atomically."""
   write_text(path, json.dumps(obj, indent=2, sort_keys=sort_keys, default=json_default))
+
+
+def write_npz(path: str, **arrays: np.ndarray) -> None:
+  """Writes `arrays` as an uncompressed .npz at `path` (exactly; no suffix added), atomically."""
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  tmp = f'{path}.tmp{os.getpid()}'
+  with open(tmp, 'wb') as f:
+    np.savez(f, **arrays)
+  os.replace(tmp, path)

@@ -15,10 +15,13 @@ from defendpp_jax import nn as dnn
 from defendpp_jax import protocol
 from defendpp_jax.attacks import core as attack_core
 from defendpp_jax.attacks import specs
+from defendpp_jax.defences import hgd
 from defendpp_jax.defences import registry
 
 SCHEDULES = ('joint', 'alternating')
-THREAT_MODELS = ('white_box', 'grey_box', 'transfer')
+# oblivious = grey_box (crafted on the classifier behind the pre-processor; HGD's name for it)
+THREAT_MODELS = ('white_box', 'grey_box', 'oblivious', 'transfer')
+OBLIVIOUS = ('grey_box', 'oblivious')
 
 
 def _choice(config, path: str, choices) -> None:
@@ -36,17 +39,20 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
              'model.padding': dnn.PADDINGS, 'loss.targets': frequency.TARGET_KINDS,
              'train.schedule': SCHEDULES, 'train.adversarial': protocol.ADVERSARIAL,
              'defense.name': registry.NAMES, 'defense.comdefend.conv': dnn.CONV_BACKENDS,
-             'eval.threat_model': THREAT_MODELS, 'eval.view': specs.VIEWS}
+             'eval.threat_model': THREAT_MODELS, 'eval.view': specs.VIEWS,
+             'defense.hgd.arch': hgd.ARCHS, 'defense.hgd.loss': hgd.LOSSES}
   for path, allowed in choices.items():
     _choice(config, path, allowed)
   if config.eval.apgd_loss not in attack_core.LOSSES:
     raise ValueError(f'config.eval.apgd_loss={config.eval.apgd_loss!r} is not one of '
                      f'{attack_core.LOSSES}')
-  if config.eval.threat_model == 'grey_box' and config.defense.name in registry.CLASSIFIER_RUNS:
-    raise ValueError("config.eval.threat_model='grey_box' needs a pre-processing defence "
-                     "(config.defense.name='comdefend'): without one nothing is hidden")
-  if config.eval.threat_model == 'grey_box' and config.eval.view not in ('auto', 'oblivious'):
-    raise ValueError(f"config.eval.threat_model='grey_box' is the oblivious view; it "
+  tm = config.eval.threat_model
+  if tm in OBLIVIOUS and config.defense.name in registry.CLASSIFIER_RUNS:
+    raise ValueError(f"config.eval.threat_model={tm!r} needs a pre-processing defence "
+                     "(e.g. config.defense.name='comdefend' or 'hgd'): without one nothing is "
+                     "hidden")
+  if tm in OBLIVIOUS and config.eval.view not in ('auto', 'oblivious'):
+    raise ValueError(f"config.eval.threat_model={tm!r} is the oblivious view; it "
                      f"contradicts config.eval.view={config.eval.view!r}")
   if config.eval.threat_model == 'transfer' and not config.eval.source_workdir:
     raise ValueError("config.eval.threat_model='transfer' needs config.eval.source_workdir: "

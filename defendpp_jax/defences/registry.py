@@ -22,12 +22,14 @@ from defendpp_jax import data as data_lib
 from defendpp_jax.defences import base
 from defendpp_jax.defences import classifier
 from defendpp_jax.defences import comdefend
+from defendpp_jax.defences import hgd
 from defendpp_jax.defences import jpeg
 from defendpp_jax.defences import noisy_layers
 from defendpp_jax.defences import quilting
 from defendpp_jax.defences import randomized
 from defendpp_jax.defences import squeezing
 from defendpp_jax.defences import tv_min
+from defendpp_jax.nn import denoisers
 from defendpp_jax.runs import saved
 
 Builder = Callable[[ml_collections.ConfigDict, str, data_lib.Dataset, Any], base.Defence]
@@ -58,11 +60,11 @@ def _protected_run(config) -> tuple[str, ml_collections.ConfigDict]:
 def protected_classifier(config, ds) -> base.Defence:
   """The classifier a pre-processing defence protects (config.defense.classifier_workdir),
   on the kernels of config.model.conv."""
-  cls_dir, cls_config = _protected_run_kernels(config)
+  cls_dir, cls_config = protected_run(config)
   return build(cls_config, cls_dir, ds)
 
 
-def _protected_run_kernels(config):
+def protected_run(config):
   """(workdir, config) of the protected run, its convolutions on config.model.conv's kernels
   (the weights are the run's; the kernels only change the speed and float rounding)."""
   cls_dir, cls_config = _protected_run(config)
@@ -119,7 +121,7 @@ def _resize_pad(config, workdir, ds, trained) -> base.Defence:
 
 def _sap(config, workdir, ds, trained) -> base.Defence:
   del workdir, trained
-  cls_dir, cls_config = _protected_run_kernels(config)
+  cls_dir, cls_config = protected_run(config)
   variables, _ = saved.restore_variables(cls_dir)
   sc = config.defense.sap
   return noisy_layers.sap(classifier.module_of(cls_config, ds), variables, run_name(config),
@@ -139,6 +141,16 @@ def _comdefend(config, workdir, ds, trained) -> base.Defence:
   reformer = comdefend.build_reformer(config.defense.comdefend, ds.image_shape)
   params = (trained if trained is not None else saved.restore_variables(workdir)[0])['params']
   return base.preprocess(comdefend.preprocessor(reformer, params),
+                         protected_classifier(config, ds), run_name(config))
+
+
+def _hgd(config, workdir, ds, trained) -> base.Defence:
+  hc = config.defense.hgd
+  denoiser = denoisers.build_denoiser(hc.arch, ds.image_shape[-1], tuple(hc.widths),
+                                      config.model.conv)
+  variables = trained if trained is not None else saved.restore_variables(workdir)[0]
+  variables = {'params': variables['params'], 'batch_stats': variables.get('batch_stats', {})}
+  return base.preprocess(hgd.preprocessor(denoiser, variables, f'hgd-{hc.arch}-{hc.loss}'),
                          protected_classifier(config, ds), run_name(config))
 
 
@@ -162,12 +174,15 @@ DEFENCES: dict[str, Builder] = {
     'resize_pad': _resize_pad,
     'sap': _sap,
     'rse': _rse,
+    'hgd': _hgd,
 }
 NAMES = tuple(DEFENCES)
 # Runs that train their own classifier (the others train a pre-processor or nothing).
 CLASSIFIER_RUNS = ('none', 'rse')
+# Runs that train a pre-processor in front of a classifier run.
+TRAINED_PREPROCESSORS = ('comdefend', 'hgd')
 # Defences whose run trains nothing (deployed straight in front of their classifier).
-UNTRAINED = tuple(n for n in NAMES if n not in CLASSIFIER_RUNS + ('comdefend',))
+UNTRAINED = tuple(n for n in NAMES if n not in CLASSIFIER_RUNS + TRAINED_PREPROCESSORS)
 
 
 def build(config: ml_collections.ConfigDict, workdir: str, ds: data_lib.Dataset,
@@ -193,7 +208,8 @@ def run_name(config: ml_collections.ConfigDict) -> str:
            'tv_min': lambda: f'tv_min-p{d.tv_min.keep_prob:g}-lam{d.tv_min.lam:g}',
            'quilting': lambda: f'quilting-k{d.quilting.k}-db{d.quilting.num_patches}',
            'resize_pad': lambda: f'resize_pad-x{d.resize_pad.passes}',
-           'sap': lambda: f'sap-{d.sap.after}'}
+           'sap': lambda: f'sap-{d.sap.after}',
+           'hgd': lambda: f'hgd-{d.hgd.arch}-{d.hgd.loss}-w{d.hgd.widths[0]}'}
   if name in names:
     return names[name]()
   if name not in ('none', 'rse'):

@@ -124,10 +124,11 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, progress: bool = T
     source = registry.build(saved.config_of_run(ec.source_workdir), ec.source_workdir, ds)
   # What the report's rows are crafted on: the target itself through the view (white-box; the
   # oblivious view for grey-box) or another trained run (transfer).
-  view = 'oblivious' if ec.threat_model == 'grey_box' else ec.view
+  oblivious = ec.threat_model in validate.OBLIVIOUS
+  view = 'oblivious' if oblivious else ec.view
   attack_source = source if ec.threat_model == 'transfer' else None
-  crafted_on = {'grey_box': 'classifier', 'transfer': source.name if source else None}.get(
-      ec.threat_model, 'target')
+  crafted_on = ('classifier' if oblivious else
+                source.name if ec.threat_model == 'transfer' and source else 'target')
   report = run_entries(
       target, images, labels, specs_lib.attack_specs(ec, config.data.name),
       batch_size=ec.batch_size, key=jax.random.key(ec.seed), view=view,

@@ -84,6 +84,7 @@ def markdown_table(report: dict[str, Any], title: str | None = None) -> str:
   """The paper's layout (FGSM, BIM, PGD, C&W, DDN, APGD, Clean), then settings and checks."""
   rows = {r['attack']: r for r in report['rows']}
   crafted = {'grey_box': ', grey-box: crafted on the classifier behind the reformer',
+             'oblivious': ', oblivious: crafted on the classifier behind the pre-processor',
              'transfer': f', transfer: crafted on {report.get("crafted_on")}'}.get(
                  report.get('threat_model'), '')
   if report.get('draws', 1) > 1:

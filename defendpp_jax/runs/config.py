@@ -90,8 +90,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   # config.defense.<name>.
   config.defense = ml_collections.ConfigDict()
   # none | comdefend | gaussian_noise | jpeg | bit_depth | median | feature_squeezing | tv_min
-  # | quilting | resize_pad | sap | rse (docs/DEFENCES.md). rse trains its own classifier;
-  # comdefend trains a reformer; the others need no training.
+  # | quilting | resize_pad | sap | rse | hgd (docs/DEFENCES.md, docs/HGD.md). rse trains its
+  # own classifier; comdefend and hgd train a pre-processor; the others need no training.
   config.defense.name = 'none'
   config.defense.classifier_workdir = ''
   # ComDefend (Jia et al. 2019): the run trains the reformer alone on clean images (Adam, as its
@@ -158,6 +158,30 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.defense.rse.input_std = 0.2
   config.defense.rse.inner_std = 0.1
   config.defense.rse.passes = 10
+  # HGD (Liao et al. 2018): a denoiser D (DUNET, or DAE = DUNET without its lateral
+  # connections) trained in front of the frozen classifier of classifier_workdir (the target),
+  # deployed as f(D(x)). loss: pixel (L1 to x: the paper's pixel-guided denoiser) | fgd (L1 on
+  # the target's top feature map) | lgd (L1 on its logits) | cgd (its cross-entropy). widths:
+  # the 5 feed-forward widths (the paper's 64-128-256-256-256; the feedback path uses the
+  # first 4).
+  config.defense.hgd = ml_collections.ConfigDict()
+  config.defense.hgd.arch = 'dunet'
+  config.defense.hgd.loss = 'lgd'              # the paper's default HGD (the code's: fgd)
+  config.defense.hgd.widths = (64, 128, 256, 256, 256)
+  config.defense.hgd.learning_rate = 1e-3      # Adam; x lr_decay_factor at each fraction
+  config.defense.hgd.lr_decay_fractions = (0.6, 0.9)   # of the run's steps (official code)
+  config.defense.hgd.lr_decay_factor = 0.1
+  # The training set, crafted once and stored at `trainset` ('' = WORKDIR/hgd_trainset.npz):
+  # `train_images` clean training images (0 = all; a seeded subset of `train_classes`, () =
+  # every class) x `variants` (defences.hgd.VARIANTS), the ensemble = the target + the
+  # classifier runs of `ensemble_workdirs`.
+  config.defense.hgd.trainset = ''
+  config.defense.hgd.ensemble_workdirs = ()
+  config.defense.hgd.train_images = 0
+  config.defense.hgd.train_classes = ()
+  config.defense.hgd.variants = ('clean', 'noise', 'fgsm_target', 'fgsm_ensemble',
+                                 'ifgsm2_ensemble', 'ifgsm4_ensemble', 'ifgsm8_ensemble')
+  config.defense.hgd.seed = 0
 
   config.eval = ml_collections.ConfigDict()
   config.eval.batch_size = 500
@@ -192,9 +216,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   # Transfer: craft on this trained run, evaluate on --workdir. With a white-/grey-box threat
   # model the transfer rows come in addition to the direct ones.
   config.eval.source_workdir = ''
-  # white_box: the attacker attacks the deployed model through config.eval.view; grey_box: a
-  # pre-processor is hidden, the attacker crafts on the classifier alone (= view 'oblivious';
-  # ComDefend's own protocol); transfer: only the adversarials crafted on eval.source_workdir
+  # white_box: the attacker attacks the deployed model through config.eval.view; grey_box (or
+  # its other name, oblivious): a pre-processor is hidden, the attacker crafts on the
+  # classifier alone (= view 'oblivious'; ComDefend's own protocol, HGD's "white-box");
+  # transfer: only the adversarials crafted on eval.source_workdir
   # (the Defend++ authors' C&W / DDN scripts craft on the undefended net).
   config.eval.threat_model = 'white_box'
   config.eval.seed = 0
@@ -218,6 +243,7 @@ def apply_smoke(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Shrinks any config to a seconds-long run for tests (the ':smoke' argument)."""
   config.model.width = 4
   config.defense.comdefend.width = 2
+  config.defense.hgd.widths = (4, 8, 8, 8, 8)
   config.data.train_limit = 128
   config.data.test_limit = 64
   config.train.num_epochs = 1

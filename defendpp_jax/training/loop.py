@@ -35,7 +35,7 @@ from defendpp_jax.runs import state as state_lib
 from defendpp_jax.training import batch_norm
 from defendpp_jax.training import recipes
 
-_LOGGED = ('loss', 'ce', 'rec_full', 'rec_ms', 'code_penalty', 'train_accuracy', 'learning_rate')
+_LOGGED = ('loss', 'ce', 'guide', 'rec_full', 'rec_ms', 'code_penalty', 'train_accuracy', 'learning_rate')
 
 
 def jit_train_step(step_fn: Callable, mesh: Mesh) -> Callable:
@@ -141,16 +141,19 @@ def _describe(config, recipe, state, ds, total_steps) -> str:
     what = (f'{recipe.description}; {n_params:,} params; classifier from '
             f'{config.defense.classifier_workdir or "(none given)"}')
   return (f'{config.data.name}: {len(ds.train_labels)} train / {len(ds.test_labels)} test '
-          f'{ds.image_shape}; {what}; {jax.device_count()} device(s); '
+          f'{ds.test_images.shape[1:]}; {what}; {jax.device_count()} device(s); '
           f'{total_steps} steps of batch {config.train.batch_size}')
 
 
 class _Run:
   """The mutable state of one training run between steps (state, checkpoints, NaN tracking)."""
 
-  def __init__(self, config, workdir, ds, recipe, mesh):
+  def __init__(self, config, workdir, ds, recipe, mesh, train_ds=None):
     self.config, self.ds, self.recipe, self.mesh = config, ds, recipe, mesh
-    self.steps_per_epoch = data_lib.steps_per_epoch(len(ds.train_labels), config.train.batch_size)
+    # what the batches are drawn from: the dataset's training split, or the recipe's own set
+    self.train_ds = ds if train_ds is None else train_ds
+    self.steps_per_epoch = data_lib.steps_per_epoch(len(self.train_ds.train_labels),
+                                                    config.train.batch_size)
     self.total_steps = self.steps_per_epoch * config.train.num_epochs
     key = jax.random.key(config.train.seed)
     init_key, self.step_key = jax.random.split(key)
@@ -178,7 +181,7 @@ class _Run:
   def batches(self, epoch: int, start: int):
     c = self.config
     return data_lib.train_batches(
-        self.ds, c.train.batch_size, c.train.seed, epoch,
+        self.train_ds, c.train.batch_size, c.train.seed, epoch,
         start_step=(start % self.steps_per_epoch) if epoch == start // self.steps_per_epoch else 0,
         process_index=jax.process_index(), process_count=jax.process_count())
 
@@ -247,10 +250,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   os.makedirs(workdir, exist_ok=True)
   ds = data_lib.dataset_of(config)
   mesh = parallel.make_mesh()
-  spe = data_lib.steps_per_epoch(len(ds.train_labels), config.train.batch_size)
+  train_ds = recipes.training_data(config, ds, workdir)
+  spe = data_lib.steps_per_epoch(len(train_ds.train_labels), config.train.batch_size)
   recipe = recipes.make_recipe(config, ds, spe)
-  run = _Run(config, workdir, ds, recipe, mesh)
-  _log(_describe(config, recipe, run.state, ds, run.total_steps))
+  run = _Run(config, workdir, ds, recipe, mesh, train_ds)
+  _log(_describe(config, recipe, run.state, train_ds, run.total_steps))
   writer = _Writer(os.path.join(workdir, 'tensorboard'))
   stopped_early, last_saved = _train(run, writer)
   final_step = int(run.state.step)

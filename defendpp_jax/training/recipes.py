@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 
 from defendpp_jax import data as data_lib
@@ -31,7 +33,11 @@ from defendpp_jax import losses
 from defendpp_jax import protocol
 from defendpp_jax.defences import classifier as classifier_lib
 from defendpp_jax.defences import comdefend
+from defendpp_jax.defences import hgd
 from defendpp_jax.defences import noisy_layers
+from defendpp_jax.defences import registry
+from defendpp_jax.nn import denoisers
+from defendpp_jax.runs import saved
 from defendpp_jax.runs.state import TrainState
 from defendpp_jax.training import objectives
 from defendpp_jax.training import optim
@@ -247,7 +253,113 @@ def rse_recipe(config: ml_collections.ConfigDict, ds: data_lib.Dataset,
                   f'{rc.inner_std:g} (before every inner convolution)')
 
 
-RECIPES = {'none': classifier_recipe, 'comdefend': comdefend_recipe, 'rse': rse_recipe}
+# ---------------------------------------------------------------------------------------------
+# HGD (Liao et al. 2018): a denoiser trained in front of the frozen target on crafted pairs.
+
+
+def init_denoiser_state(model: nn.Module, tx: optax.GradientTransformation, key: jax.Array,
+                        image_shape, batch_size: int = 2) -> TrainState:
+  variables = model.init(key, jnp.zeros((batch_size, *image_shape), jnp.float32))
+  params = dict(variables['params'])
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    batch_stats=dict(variables.get('batch_stats', {})),
+                    opt_state=tx.init(params))
+
+
+def hgd_loss(params, state, images, labels, key, prepared, frozen, *, model, target, kind):
+  """Term 'guide' of `kind` (defences.hgd.LOSSES); images (N, 2, H, W, C) = [x_adv, x] rows;
+  `frozen` = the target's variables, read in inference mode and never trained."""
+  del key, prepared
+  adv, clean = images[:, 0], images[:, 1]
+  denoised, new_vars = model.apply({'params': params, 'batch_stats': state.batch_stats}, adv,
+                                   train=True, mutable=['batch_stats'])
+  loss, m = hgd.guided_loss(kind, hgd.guide_of(target, frozen), denoised, clean, labels)
+  metrics = {'guide': loss, 'rec_full': m['pixel_l1'],
+             'correct': jnp.sum(jnp.argmax(m['logits'], -1) == labels), 'seen': labels.shape[0]}
+  return {'guide': loss}, new_vars['batch_stats'], metrics
+
+
+def hgd_recipe(config: ml_collections.ConfigDict, ds: data_lib.Dataset,
+               steps_per_epoch: int) -> Recipe:
+  """The denoiser of config.defense.hgd, Adam with step decays at fractions of the run."""
+  hc = config.defense.hgd
+  model = denoisers.build_denoiser(hc.arch, ds.image_shape[-1], tuple(hc.widths),
+                                   config.model.conv)
+  cls_dir, cls_config = registry.protected_run(config)
+  target = classifier_lib.module_of(cls_config, ds)
+  frozen, _ = saved.restore_variables(cls_dir)
+  total = steps_per_epoch * config.train.num_epochs
+  boundaries = {}
+  for f in hc.lr_decay_fractions:
+    b = int(round(float(f) * total))
+    if b > 0:
+      boundaries[b] = boundaries.get(b, 1.0) * hc.lr_decay_factor
+  schedule = optax.piecewise_constant_schedule(hc.learning_rate, boundaries)
+  tx = optax.adam(schedule)
+  return Recipe(model, tx, schedule,
+                functools.partial(init_denoiser_state, model, tx, image_shape=ds.image_shape),
+                functools.partial(hgd_loss, model=model, target=target, kind=hc.loss),
+                ('guide',), lambda epoch: ((1.0,), 'denoiser'), frozen=frozen,
+                description=f'hgd {hc.arch} widths {tuple(hc.widths)}, loss {hc.loss}')
+
+
+def hgd_training_data(config: ml_collections.ConfigDict, ds: data_lib.Dataset,
+                      workdir: str) -> data_lib.Dataset:
+  """`ds` with its training split replaced by HGD's pairs (N, 2, H, W, C) = [x_adv, x] and
+  their true labels, crafted once (config.defense.hgd.trainset) and reused."""
+  hc = config.defense.hgd
+  target = registry.protected_classifier(config, ds)
+  members = []
+  for d in hc.ensemble_workdirs:
+    run_config = saved.config_of_run(d)
+    if run_config.defense.name not in registry.CLASSIFIER_RUNS:
+      raise ValueError(f'config.defense.hgd.ensemble_workdirs: {d!r} is a '
+                       f'{run_config.defense.name} run, not a classifier run')
+    if run_config.data.name != config.data.name:
+      raise ValueError(f'config.defense.hgd.ensemble_workdirs: {d!r} was trained on '
+                       f'{run_config.data.name}, not {config.data.name}')
+    run_config.model.conv = config.model.conv
+    members.append(registry.build(run_config, d, ds))
+  index = np.arange(len(ds.train_labels))
+  if hc.train_classes:
+    index = index[np.isin(ds.train_labels, np.asarray(hc.train_classes))]
+  index = np.random.default_rng(hc.seed).permutation(index)
+  if hc.train_images:
+    if hc.train_images > len(index):
+      raise ValueError(f'config.defense.hgd.train_images={hc.train_images}: only {len(index)} '
+                       'training images (of config.defense.hgd.train_classes) exist')
+    index = index[:hc.train_images]
+  index = np.sort(index)
+  images = ds.train_images[index]
+  fingerprint = lambda d: saved.summary_of_run(d)['params_sha256']
+  meta = {'target': os.path.abspath(config.defense.classifier_workdir),
+          'target_params': fingerprint(config.defense.classifier_workdir),
+          'ensemble': [os.path.abspath(d) for d in hc.ensemble_workdirs],
+          'ensemble_params': [fingerprint(d) for d in hc.ensemble_workdirs],
+          'dataset': config.data.name, 'train_limit': config.data.train_limit,
+          'images': len(index), 'classes': list(hc.train_classes), 'seed': hc.seed,
+          'variants': list(hc.variants), 'eps_unit': hgd.eps_unit(config.data.name),
+          'eps_levels': hgd.EPS_LEVELS}
+  path = hc.trainset or os.path.join(workdir, 'hgd_trainset.npz')
+  data = hgd.load_or_craft(path, meta, lambda: hgd.craft_training_set(
+      target, members, images, unit=hgd.eps_unit(config.data.name), seed=hc.seed,
+      variants=tuple(hc.variants), batch_size=config.eval.batch_size, log=print))
+  pairs = hgd.training_pairs(data, images)
+  return dataclasses.replace(ds, train_images=pairs,
+                             train_labels=ds.train_labels[index][data['clean_index']])
+
+
+RECIPES = {'none': classifier_recipe, 'comdefend': comdefend_recipe, 'rse': rse_recipe,
+           'hgd': hgd_recipe}
+# Recipes that train on other data than the dataset's training split.
+TRAINING_DATA = {'hgd': hgd_training_data}
+
+
+def training_data(config: ml_collections.ConfigDict, ds: data_lib.Dataset,
+                  workdir: str) -> data_lib.Dataset:
+  """What a run's batches are drawn from: `ds`, or its recipe's own training set."""
+  fn = TRAINING_DATA.get(config.defense.name)
+  return ds if fn is None else fn(config, ds, workdir)
 
 
 def make_recipe(config: ml_collections.ConfigDict, ds: data_lib.Dataset,
