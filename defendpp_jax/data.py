@@ -1,7 +1,9 @@
-"""All dataset I/O: MNIST / CIFAR-10 raw files or tfds, and the embedded scikit-learn digits.
+"""All dataset I/O: MNIST / CIFAR-10 raw files or tfds, the embedded scikit-learn digits, and
+ImageNet-style image folders.
 
 Usage:
   ds = load_dataset('mnist', data_dir='../shared/data/mnist', train_limit=1000)
+  ds = load_dataset('imagefolder', data_dir='/data/imagenet', train_limit=10000, test_limit=1000)
   for images, labels in train_batches(ds, batch_size=256, seed=0, epoch=3): ...
 
 Every image leaves this module as float32 NHWC with pixels in [0, 1]; labels are int32.
@@ -9,6 +11,11 @@ Raw files are read when `data_dir` (or the environment variable DEFENDPP_DATA_DI
 MNIST as the four official IDX `.gz` files, CIFAR-10 as the official python batches
 (`data_batch_1..5`, `test_batch`; the `cifar-10-batches-py` sub-folder is also accepted).
 Without a data directory, MNIST and CIFAR-10 come from tensorflow-datasets (`tfds.data_source`).
+
+'imagefolder' (e.g. ImageNet) has no tfds fallback: `data_dir` must hold `train/` and `val/`
+(or `test/`) sub-folders with one sub-folder of .png / .jpg / .jpeg images per class; every
+image is resized to IMAGE_SIZE x IMAGE_SIZE RGB and the whole split is held in memory, so a
+full ImageNet needs train_limit / test_limit (see `load_imagefolder`).
 """
 
 from __future__ import annotations
@@ -21,13 +28,14 @@ from typing import Iterator
 
 import numpy as np
 
-DATASETS = ('mnist', 'cifar10', 'digits')
+DATASETS = ('mnist', 'cifar10', 'digits', 'imagefolder')
 
 # Per-channel statistics of the training split, used by the model's internal normalisation.
 STATS = {
     'mnist': ((0.1307,), (0.3081,)),
     'cifar10': ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     'digits': ((0.337,), (0.323,)),
+    'imagefolder': ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),  # ImageNet's
 }
 
 _MNIST_FILES = {
@@ -40,6 +48,13 @@ _CIFAR_TRAIN = tuple(f'data_batch_{i}' for i in range(1, 6))
 _CIFAR_TEST = 'test_batch'
 _DIGITS_SIZE = 28
 _DIGITS_TEST_FRACTION = 0.2
+
+# 'imagefolder': the side of the square images, the file types read, the test-split folders
+# (the first present), and the largest split held in memory (float32 bytes).
+IMAGE_SIZE = 224
+IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg')
+_IMAGEFOLDER_TEST_SPLITS = ('val', 'test')
+IMAGEFOLDER_MAX_BYTES = 8 * 2**30
 
 
 class DataError(ValueError):
@@ -162,6 +177,151 @@ def _load_digits() -> tuple[np.ndarray, ...]:
   return train_x, train_y, test_x, test_y
 
 
+# ---------------------------------------------------------------------------------------------
+# ImageNet-style image folders.
+
+
+def _is_image(filename: str) -> bool:
+  return not filename.startswith('.') and filename.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _class_folders(split_dir: str) -> list[str]:
+  return sorted(e.name for e in os.scandir(split_dir)
+                if e.is_dir() and not e.name.startswith('.'))
+
+
+def _image_files(class_dir: str) -> list[str]:
+  """The image files under `class_dir` (recursively), sorted by their path inside it."""
+  found = []
+  for root, dirs, files in os.walk(class_dir, followlinks=True):
+    dirs[:] = sorted(d for d in dirs if not d.startswith('.'))
+    found.extend(os.path.relpath(os.path.join(root, f), class_dir) for f in files if _is_image(f))
+  return [os.path.join(class_dir, f) for f in sorted(found)]
+
+
+def _round_robin(per_class: list[list[str]]) -> list[tuple[str, int]]:
+  """(path, class) in rounds: the 1st file of every class in class order, then the 2nd, ..."""
+  order = []
+  for r in range(max((len(files) for files in per_class), default=0)):
+    order.extend((files[r], c) for c, files in enumerate(per_class) if r < len(files))
+  return order
+
+
+def resize_centre_crop(image, size: int):
+  """A PIL image as `size` x `size`: shorter side resized to `size` (bilinear), centre-cropped.
+
+  As torchvision's `CenterCrop(size)(Resize(size)(image))` on a PIL image: the longer side
+  becomes int(size * long / short), the crop starts at round((long - size) / 2). Pillow's
+  bilinear filter is antialiased (its support widens with the reduction factor).
+  """
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  w, h = image.size
+  if w <= h:
+    new_w, new_h = size, max(size, int(size * h / w))
+  else:
+    new_w, new_h = max(size, int(size * w / h)), size
+  if (new_w, new_h) != (w, h):
+    image = image.resize((new_w, new_h), Image.Resampling.BILINEAR)
+  left, top = int(round((new_w - size) / 2.0)), int(round((new_h - size) / 2.0))
+  return image.crop((left, top, left + size, top + size))
+
+
+def _read_image(path: str, size: int) -> np.ndarray:
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  try:
+    with Image.open(path) as im:
+      rgb = im.convert('RGB')  # decodes the whole file: a truncated one fails here
+  except Exception as e:  # pylint: disable=broad-except
+    raise DataError(f'unreadable image file {path} ({type(e).__name__}: {e})') from e
+  return np.asarray(resize_centre_crop(rgb, size), np.uint8)
+
+
+def _imagefolder_split(files: list[tuple[str, int]], split: str, limit: int | None, size: int,
+                       max_bytes: int) -> tuple[np.ndarray, np.ndarray]:
+  if limit:
+    files = files[:limit]
+  nbytes = len(files) * size * size * 3 * np.dtype(np.float32).itemsize
+  if nbytes > max_bytes:
+    field = 'train_limit' if split == 'train' else 'test_limit'
+    raise DataError(
+        f'imagefolder {split} split: {len(files)} images of {size}x{size}x3 float32 are '
+        f'{nbytes / 2**30:.1f} GiB, over the {max_bytes / 2**30:.1f} GiB held in memory; set '
+        f'config.data.{field} to at most {max_bytes // (nbytes // len(files))} images')
+  images = np.empty((len(files), size, size, 3), np.float32)
+  for i, (path, _) in enumerate(files):
+    images[i] = _read_image(path, size)
+    images[i] /= 255.0
+  return images, np.asarray([c for _, c in files], np.int32)
+
+
+def load_imagefolder(data_dir: str, train_limit: int | None = None,
+                     test_limit: int | None = None, image_size: int = IMAGE_SIZE,
+                     max_bytes: int | None = None) -> Dataset:
+  """An ImageNet-style folder: `data_dir`/{train,val}/<class>/<image>, as Dataset 'imagefolder'.
+
+  Layout: `train/` and `val/` (or, without `val/`, `test/`) each hold one folder per class;
+  the classes are train/'s folders in sorted order (class index = position; num_classes = their
+  number, every one must hold an image), and a val/ folder not among them is an error (val/
+  may lack some). Images are the .png / .jpg / .jpeg files (any case; recursively; names
+  starting with '.' are skipped), read with Pillow, converted to RGB and `resize_centre_crop`ped
+  to `image_size` x `image_size` (shorter side resized to image_size, bilinear, then the centre
+  square: torchvision's Resize(s) + CenterCrop(s), not its ImageNet-eval Resize(256) +
+  CenterCrop(224)).
+
+  Order and limits: within a class the files are sorted by path; a split is ordered
+  round-robin over the classes (1st image of every class in class order, then the 2nd, ...),
+  and train_limit / test_limit keep the first N of that order, so a limited split stays
+  balanced over the classes instead of holding only the first ones (None or 0: all).
+
+  Memory: the whole split is decoded into one float32 array (image_size 224: 588 KiB an
+  image; the 1.28M ImageNet training images would take ~720 GiB, so a full ImageNet cannot be
+  loaded). A split larger than `max_bytes` (None: IMAGEFOLDER_MAX_BYTES, 8 GiB, ~14,000
+  images of 224 px) is refused, before any image is decoded, with a DataError naming the
+  config.data.train_limit / test_limit to set; streaming from disk is not implemented.
+  """
+  if max_bytes is None:
+    max_bytes = IMAGEFOLDER_MAX_BYTES
+  if image_size < 1:
+    raise ValueError(f'imagefolder image_size must be >= 1, got {image_size}')
+  if not os.path.isdir(data_dir):
+    raise DataError(f'config.data.data_dir={data_dir!r} is not a directory')
+  train_dir = os.path.join(data_dir, 'train')
+  if not os.path.isdir(train_dir):
+    raise DataError(f'imagefolder: missing {train_dir} (expected train/<class>/<image> folders)')
+  test_dir = next((os.path.join(data_dir, s) for s in _IMAGEFOLDER_TEST_SPLITS
+                   if os.path.isdir(os.path.join(data_dir, s))), None)
+  if test_dir is None:
+    raise DataError(f'imagefolder: missing {os.path.join(data_dir, "val")} (or '
+                    f'{os.path.join(data_dir, "test")}): expected val/<class>/<image> folders')
+  classes = _class_folders(train_dir)
+  if not classes:
+    raise DataError(f'imagefolder: no class folders in {train_dir} (expected one sub-folder '
+                    'of images per class)')
+  index = {c: i for i, c in enumerate(classes)}
+  train_files = [_image_files(os.path.join(train_dir, c)) for c in classes]
+  for c, files in zip(classes, train_files):
+    if not files:
+      raise DataError(f'imagefolder: class folder {os.path.join(train_dir, c)} holds no '
+                      f'{"/".join(IMAGE_EXTENSIONS)} image')
+  test_files = [[] for _ in classes]
+  for c in _class_folders(test_dir):
+    if c not in index:
+      raise DataError(f'imagefolder: class folder {os.path.join(test_dir, c)} is not one of the '
+                      f'{len(classes)} classes of {train_dir}')
+    test_files[index[c]] = _image_files(os.path.join(test_dir, c))
+  if not any(test_files):
+    raise DataError(f'imagefolder: no {"/".join(IMAGE_EXTENSIONS)} image in the class folders '
+                    f'of {test_dir}')
+  train_x, train_y = _imagefolder_split(_round_robin(train_files), 'train', train_limit,
+                                        image_size, max_bytes)
+  test_x, test_y = _imagefolder_split(_round_robin(test_files), os.path.basename(test_dir),
+                                      test_limit, image_size, max_bytes)
+  ds = Dataset('imagefolder', train_x, train_y, test_x, test_y, num_classes=len(classes))
+  check_pixels(ds.train_images, 'imagefolder train images')
+  check_pixels(ds.test_images, 'imagefolder test images')
+  return ds
+
+
 def _to_float(images: np.ndarray) -> np.ndarray:
   if images.dtype == np.uint8:
     return images.astype(np.float32) / 255.0
@@ -169,17 +329,32 @@ def _to_float(images: np.ndarray) -> np.ndarray:
 
 
 def load_dataset(name: str, data_dir: str | None = None, train_limit: int | None = None,
-                 test_limit: int | None = None) -> Dataset:
+                 test_limit: int | None = None, image_size: int | None = None) -> Dataset:
   """Loads a dataset by name (see module docstring for where the files come from).
 
   Args:
-    name: 'mnist', 'cifar10' or 'digits'.
-    data_dir: folder of the raw files; defaults to $DEFENDPP_DATA_DIR; tfds when neither is set.
-    train_limit / test_limit: keep only the first N examples of a split (None or 0: all).
+    name: 'mnist', 'cifar10', 'digits' or 'imagefolder'.
+    data_dir: folder of the raw files; defaults to $DEFENDPP_DATA_DIR; tfds when neither is set
+      (not for 'imagefolder', which needs one: see `load_imagefolder`).
+    train_limit / test_limit: keep only the first N examples of a split (None or 0: all;
+      'imagefolder': the first N of a round-robin order over the classes).
+    image_size: 'imagefolder' only: the side of its square images (None: IMAGE_SIZE).
   """
   if name not in DATASETS:
     raise ValueError(f'config.data.name={name!r} is not one of {DATASETS}')
+  for field, limit in (('train_limit', train_limit), ('test_limit', test_limit)):
+    if limit is not None and limit < 0:
+      raise ValueError(f'config.data.{field} must be >= 0 (0 = all), got {limit}')
+  if image_size is not None and name != 'imagefolder':
+    raise ValueError(f'image_size applies to imagefolder only, not {name!r}')
   data_dir = data_dir or os.environ.get('DEFENDPP_DATA_DIR') or None
+  if name == 'imagefolder':
+    if not data_dir:
+      raise DataError('config.data.name=imagefolder needs config.data.data_dir (or '
+                      'DEFENDPP_DATA_DIR): the folder holding train/ and val/ class folders; '
+                      'it has no tensorflow-datasets fallback')
+    return load_imagefolder(data_dir, train_limit, test_limit,
+                            IMAGE_SIZE if image_size is None else image_size)
   if name == 'digits':
     arrays = _load_digits()
   elif data_dir:
@@ -189,9 +364,6 @@ def load_dataset(name: str, data_dir: str | None = None, train_limit: int | None
   else:
     arrays = _load_tfds(name)
   train_x, train_y, test_x, test_y = arrays
-  for field, limit in (('train_limit', train_limit), ('test_limit', test_limit)):
-    if limit is not None and limit < 0:
-      raise ValueError(f'config.data.{field} must be >= 0 (0 = all), got {limit}')
   if train_limit:
     train_x, train_y = train_x[:train_limit], train_y[:train_limit]
   if test_limit:

@@ -49,3 +49,20 @@ def write_npz(path: str, **arrays: np.ndarray) -> None:
   with open(tmp, 'wb') as f:
     np.savez(f, **arrays)
   os.replace(tmp, path)
+
+
+def write_generated(path: str, start: str, end: str, content: str, title: str) -> None:
+  """Replaces the part of the document `path` between the markers `start` and `end` with
+  `content` (appended, or a new document headed `title`, when the markers are absent)."""
+  generated = f'{start}\n\n{content}\n{end}'
+  if os.path.isfile(path):
+    with open(path) as f:
+      text = f.read()
+    if start in text and end in text:
+      head, rest = text.split(start, 1)
+      text = head + generated + rest.split(end, 1)[1]
+    else:
+      text = text.rstrip('\n') + '\n\n' + generated + '\n'
+  else:
+    text = f'# {title}\n\n{generated}\n'
+  write_text(path, text)

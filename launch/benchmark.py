@@ -11,6 +11,8 @@ time separately. With --json, one JSON object per line:
    vector / matrix extensions: the figures depend on the CPU kind)}
 --eot=1,10 (default) times PGD-10 with EOT over k draws of a randomised defence (the classifier
 behind Gaussian input noise) and prints EOT-k time / (k x EOT-1 time).
+--hgd times HGD's denoiser training step against the classifier's (`python -m launch.benchmark
+--hgd --width=8 --input=28x28x1,32x32x3 --batch=32`).
 --conv=xla,onednn measures the JAX model once per convolution backend (config.model.conv).
 --compare=torch also runs the identical CIFAR-style architecture in PyTorch eager (training step,
 forward, and torchattacks PGD when installed; see requirements-bench.txt). Time nothing else on
@@ -66,6 +68,9 @@ _EOT = flags.DEFINE_list('eot', ['1', '10'], 'EOT sample counts k of the EOT-PGD
 _DEFENCES = flags.DEFINE_bool('defences', False, 'Instead: the survey\'s defences (forward of '
                               'each, TV vs scikit-image, quilting kNN vs the matmul ceiling, '
                               'EOT-k PGD per randomised defence; launch/benchmark_defences.py).')
+_HGD = flags.DEFINE_bool('hgd', False, 'Instead: HGD\'s denoiser training step (DUNET at widths '
+                         'w, 2w, 4w, 4w, 4w, losses pixel and lgd) next to the classifier\'s '
+                         'training step, in one run (launch/benchmark_defences.py).')
 _OPS = flags.DEFINE_bool('ops', False, 'Also time every distinct convolution of the classifier '
                          'alone: forward, input gradient, weight gradient (where the time goes).')
 
@@ -386,14 +391,19 @@ def _main_defences() -> None:
   for shape_s in _INPUT.value:
     shape = tuple(int(v) for v in shape_s.split('x'))
     for width in (int(w) for w in _WIDTH.value):
-      records = benchmark_defences.bench_defences(
-          width, shape, _BATCH.value, tuple(int(k) for k in _EOT.value if k), _REPEATS.value)
+      if _HGD.value:
+        records = [r for conv in _CONV.value for r in benchmark_defences.bench_hgd(
+            width, shape, _BATCH.value, _REPEATS.value, conv)]
+      else:
+        records = benchmark_defences.bench_defences(
+            width, shape, _BATCH.value, tuple(int(k) for k in _EOT.value if k), _REPEATS.value)
       for r in records:
         r = {**r, 'cpu': cpu_kind()}
         if _JSON.value:
           print(json.dumps(r), flush=True)
         else:
-          what = r.get('defence', '') + (f' eot={r["eot_samples"]}' if 'eot_samples' in r else '')
+          what = r.get('defence', r.get('loss', ''))
+          what += f' eot={r["eot_samples"]}' if 'eot_samples' in r else ''
           print(f'{r["work"]:16s} {what:22s} w{width} {shape_s} batch {r["batch"]}: '
                 f'{r["img_per_s"]:9.1f} img/s (compile {r["compile_s"]:.1f} s)', flush=True)
       if not _JSON.value:
@@ -403,7 +413,7 @@ def _main_defences() -> None:
 
 def main(argv):
   del argv
-  if _DEFENCES.value:
+  if _DEFENCES.value or _HGD.value:
     _main_defences()
     return
   steps = [int(s) for s in _STEPS.value]

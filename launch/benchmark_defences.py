@@ -11,7 +11,8 @@ defence does not depend on its weights):
   - quilting's exact kNN (chunked matmuls) in GFLOP/s, as a fraction of the machine's fp32
     matmul ceiling (a 2048 x 2048 matmul, timed in the same run);
   - PGD-10 with EOT over k draws through each randomised defence, as a ratio to k x EOT-1
-    (the target: <= 1.1).
+    (the target: <= 1.1);
+  - with --hgd: HGD's denoiser training step at the `cpu` widths next to the classifier's.
 Records: {"work": "defence_forward" | "tv_vs_skimage" | "knn" | "matmul" | "defence_eot_pgd",
 "defence", ...}. Time nothing else on the machine while this runs.
 """
@@ -130,6 +131,63 @@ def _knn(x, db, base, repeats) -> list[dict]:
            'img_per_s': 0.0, 'compile_s': 0.0}]
 
 
+def bench_hgd(width: int, shape, batch: int, repeats: int, conv: str = 'auto',
+              losses: tuple[str, ...] = ('pixel', 'lgd')) -> list[dict]:
+  """HGD's denoiser training step (DUNET at the `cpu` widths w, 2w, 4w, 4w, 4w in front of a
+  frozen width-w ResNet-18), per loss, and the classifier's own training step, in one run.
+  Records {"work": "hgd_train_step" | "train_step", "loss", "conv", ...}."""
+  import functools  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+  import types  # pylint: disable=g-import-not-at-top
+  from defendpp_jax import nn as dnn  # pylint: disable=g-import-not-at-top
+  from defendpp_jax import parallel  # pylint: disable=g-import-not-at-top
+  from defendpp_jax import training  # pylint: disable=g-import-not-at-top
+  from defendpp_jax.nn import denoisers  # pylint: disable=g-import-not-at-top
+  from defendpp_jax.runs import config as config_lib  # pylint: disable=g-import-not-at-top
+  from defendpp_jax.training import recipes  # pylint: disable=g-import-not-at-top
+  config = config_lib.get_base_config()
+  config.model.update(arch='resnet18', width=width, decoder='none', conv=conv)
+  config.train.update(learning_rate=0.01, lr_decay_epochs=(), num_epochs=1)
+  ds = types.SimpleNamespace(num_classes=10, image_shape=shape, mean=(0.5,), std=(0.5,))
+  cls = recipes.classifier_recipe(config, ds, 1)
+  mesh = parallel.make_mesh()
+  rng = np.random.default_rng(0)
+  x = rng.uniform(size=(batch, *shape)).astype(np.float32)
+  y = rng.integers(0, 10, batch).astype(np.int32)
+  pairs = np.stack([np.clip(x + rng.uniform(-0.1, 0.1, x.shape), 0, 1), x], 1).astype(
+      np.float32)
+  base = {'arch': 'resnet18', 'width': width, 'input': 'x'.join(map(str, shape)),
+          'batch': batch, 'framework': 'jax', 'conv': dnn.resolve_conv_backend(conv)}
+  key = jax.random.key(1)
+  out = []
+
+  def timed(recipe, images, weights, frozen):
+    step = training.jit_train_step(functools.partial(recipes.train_step, recipe=recipe), mesh)
+    holder = [jax.jit(recipe.init)(jax.random.key(0))]
+    xs, ys = parallel.shard_batch(mesh, images, y)
+
+    def once():
+      holder[0], m = step(holder[0], xs, ys, weights, key, frozen)  # state donated
+      return m['loss']
+    return _time(once, repeats), holder[0]
+
+  (c, t), cls_state = timed(cls, x, jnp.ones(2), None)
+  out.append({**base, 'work': 'train_step', 'img_per_s': batch / t, 'compile_s': c})
+  widths = (width, 2 * width, 4 * width, 4 * width, 4 * width)
+  den = denoisers.build_denoiser('dunet', shape[-1], widths, conv)
+  for loss in losses:
+    tx = optax.adam(1e-3)
+    recipe = recipes.Recipe(
+        den, tx, optax.constant_schedule(1e-3),
+        functools.partial(recipes.init_denoiser_state, den, tx, image_shape=shape),
+        functools.partial(recipes.hgd_loss, model=den, target=cls.model, kind=loss),
+        ('guide',), lambda epoch: ((1.0,), 'denoiser'))
+    (c, t), _ = timed(recipe, pairs, jnp.ones(1), cls_state.variables)
+    out.append({**base, 'work': 'hgd_train_step', 'loss': loss, 'denoiser_widths': widths,
+                'img_per_s': batch / t, 'compile_s': c})
+  return out
+
+
 def ratios(records: list[dict]) -> list[str]:
   """The one-run ratios: each defence's forward vs the classifier's, TV vs scikit-image,
   kNN vs the matmul ceiling, EOT-k vs k x EOT-1 per randomised defence."""
@@ -141,6 +199,10 @@ def ratios(records: list[dict]) -> list[str]:
           for r in records if r['work'] == 'tv_vs_skimage']
   out += [f'quilting kNN: {r["gflop_per_s"]:.0f} GFLOP/s = {100 * r["fraction_of_matmul"]:.0f}%'
           ' of the matmul ceiling' for r in records if r['work'] == 'knn']
+  cls_step = [r['img_per_s'] for r in records if r['work'] == 'train_step']
+  out += [f'HGD denoiser training step ({r["loss"]}): {r["img_per_s"]:.0f} img/s = '
+          f'{r["img_per_s"] / cls_step[0]:.2f} x the classifier\'s training step'
+          for r in records if r['work'] == 'hgd_train_step' and cls_step]
   eot = {}
   for r in records:
     if r['work'] == 'defence_eot_pgd':

@@ -16,6 +16,11 @@ Table 2's "ours". Results go to RESULTS_DIR/table<N>[_strong].json and .md.
 front of the same trained classifier, as published and adaptively (defendpp_jax/reproduce/
 survey.py); --datasets / --defences restrict the run (the results file keeps the other rows).
 Writes RESULTS_DIR/survey_transforms.json / .md and, at the cpu budget, docs/DEFENCES.md.
+
+--paper=hgd --table=2|3|4|5|8|9: HGD's tables (defendpp_jax/reproduce/hgd_cvpr2018.py): the
+target ResNet-18, its training ensemble (VGG16, ResNet-50), the held-out ResNet-34 and the
+denoisers, each trained once in WORKDIR/<dataset>-<budget>/ and shared by every table. Writes
+RESULTS_DIR/hgd_table<N>.json / .md and, at the cpu budget, the table's section of docs/HGD.md.
 """
 
 import sys
@@ -25,12 +30,14 @@ from absl import flags
 from absl import logging
 
 from defendpp_jax import reproduce
+from defendpp_jax.reproduce import hgd_cvpr2018
 from defendpp_jax.reproduce import survey
 
-PAPERS = ('defendpp', 'survey')
+PAPERS = ('defendpp', 'survey', 'hgd')
 _PAPER = flags.DEFINE_enum('paper', 'defendpp', list(PAPERS), 'Which paper.')
 _TABLE = flags.DEFINE_string('table', None, 'Which table: Defend++ '
-                             f'{"/".join(reproduce.TABLES)}; survey {"/".join(survey.TABLES)}.')
+                             f'{"/".join(reproduce.TABLES)}; survey {"/".join(survey.TABLES)}; hgd '
+                             f'{"/".join(hgd_cvpr2018.TABLES)}.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Root directory of the models and evaluations.')
 _BUDGET = flags.DEFINE_enum('budget', 'cpu', list(reproduce.BUDGETS), 'Training budget.')
 _STRONG = flags.DEFINE_bool('strong', False, 'Strong evaluation (PGD restarts, APGD).')
@@ -38,10 +45,11 @@ _RESULTS = flags.DEFINE_string('results_dir', 'results', 'Where table<N>.json / 
 _MNIST = flags.DEFINE_string('mnist_dir', '', 'MNIST raw files ("" = tfds).')
 _CIFAR = flags.DEFINE_string('cifar10_dir', '', 'CIFAR-10 python batches ("" = tfds).')
 _SEED = flags.DEFINE_integer('seed', 0, 'Training seed of every model.')
-_DATASETS = flags.DEFINE_list('datasets', list(survey.DATASETS), 'Survey: datasets to run.')
+_DATASETS = flags.DEFINE_list('datasets', list(survey.DATASETS),
+                              'Survey / HGD: datasets to run.')
 _DEFENCES = flags.DEFINE_list('defences', [], 'Survey: defences to run ([] = all).')
-_DOCS = flags.DEFINE_string('docs', '', 'Survey: the board document ("" = docs/DEFENCES.md at '
-                            'the cpu budget, none otherwise).')
+_DOCS = flags.DEFINE_string('docs', '', 'Survey / HGD: the document written ("" = '
+                            'docs/DEFENCES.md / docs/HGD.md at the cpu budget, none otherwise).')
 flags.mark_flags_as_required(['table', 'workdir'])
 
 
@@ -50,7 +58,13 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   data_dirs = {'mnist': _MNIST.value, 'cifar10': _CIFAR.value}
   try:
-    if _PAPER.value == 'survey':
+    if _PAPER.value == 'hgd':
+      hgd_cvpr2018.run_hgd_table(
+          _TABLE.value, _WORKDIR.value, _BUDGET.value, data_dirs, results_dir=_RESULTS.value,
+          seed=_SEED.value, datasets=tuple(_DATASETS.value),
+          docs_path=_DOCS.value or ('docs/HGD.md' if _BUDGET.value == 'cpu' else None),
+          figures_dir='docs/figures' if _BUDGET.value == 'cpu' else _RESULTS.value)
+    elif _PAPER.value == 'survey':
       survey.run_survey(_TABLE.value, _WORKDIR.value, _BUDGET.value, data_dirs,
                         results_dir=_RESULTS.value,
                         docs_path=_DOCS.value or ('docs/DEFENCES.md' if _BUDGET.value == 'cpu'

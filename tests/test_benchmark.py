@@ -53,3 +53,14 @@ def test_defence_benchmark_measures_every_defence():
   lines = benchmark_defences.ratios(records)
   assert sum('EOT-2' in line for line in lines) == 2
   assert any('scikit-image' in line for line in lines)
+
+
+def test_hgd_benchmark_times_the_denoiser_step_next_to_the_classifier_step():
+  from launch import benchmark_defences
+  records = benchmark_defences.bench_hgd(2, (28, 28, 1), 4, 1, losses=('lgd',))
+  works = [(r['work'], r.get('loss')) for r in records]
+  assert works == [('train_step', None), ('hgd_train_step', 'lgd')]
+  assert records[1]['denoiser_widths'] == (2, 4, 8, 8, 8)
+  assert all(r['img_per_s'] > 0 for r in records)
+  lines = benchmark_defences.ratios(records)
+  assert any('HGD denoiser training step (lgd)' in line for line in lines)

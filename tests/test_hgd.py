@@ -265,3 +265,61 @@ def test_launch_evaluate_with_the_oblivious_threat_model(runs, tmp_path):
   report = json.loads((out / 'robustness.json').read_text())
   assert report['threat_model'] == 'oblivious' and report['crafted_on'] == 'classifier'
   assert report['model'] == 'hgd-dunet-lgd-w4'
+
+
+def test_ensembles_average_logits_and_are_attacked_obliviously_through_their_classifiers():
+  rng = np.random.default_rng(3)
+  nets = [_linear(rng.normal(size=(16, 3)).astype(np.float32)) for _ in range(2)]
+  shift = base.Preprocessor('shift', lambda v, x, key, bpda: x + v, 0.25)
+  pipes = [base.preprocess(shift, n) for n in nets]
+  both = base.ensemble(pipes)
+  x = jnp.asarray(rng.uniform(size=(5, 4, 4, 1)).astype(np.float32))
+  want = sum(n.logits(n.variables, x + 0.25) for n in nets) / 2
+  np.testing.assert_allclose(both.logits(both.variables, x), want, rtol=1e-6)
+  oblivious = both.attack_model('oblivious').logits(x, None)
+  np.testing.assert_allclose(oblivious, sum(n.logits(n.variables, x) for n in nets) / 2,
+                             rtol=1e-6)
+  avg = hgd.averaged_preprocessors([shift, base.Preprocessor('neg', lambda v, x, k, b: -x, None)],
+                                   'avg')
+  np.testing.assert_allclose(avg.apply(avg.variables, x, None, False), 0.125, atol=1e-6)
+
+
+def test_hgd_reproduction_writes_its_table_and_docs_section(tmp_path, monkeypatch):
+  from conftest import SHARED_DATA
+  from defendpp_jax.reproduce import hgd_cvpr2018 as repro
+  # the smallest cast: no ensemble members, the target as its own black-box source
+  monkeypatch.setattr(repro, 'ENSEMBLE', ())
+  monkeypatch.setattr(repro, 'HELD_OUT', repro.TARGET)
+  # two rows, PGD alone as the adaptive attack (APGD's compile costs minutes at this size)
+  monkeypatch.setitem(repro.ROWS, '2', [repro.ROWS['2'][0], repro.ROWS['2'][2]])
+  monkeypatch.setattr(repro, 'adaptive_entries', lambda dataset, steps: tuple(
+      f'pgd(eps={e:.6g}, steps={steps}, label=pgd_eps{i})'
+      for i, e in enumerate(repro.eps_pair(dataset), start=1)))
+  docs = tmp_path / 'HGD.md'
+  docs.write_text('# HGD\n\nhand-written text\n')
+  result = repro.run_hgd_table('2', str(tmp_path / 'runs'), 'smoke',
+                               {'mnist': os.path.join(SHARED_DATA, 'mnist')},
+                               results_dir=str(tmp_path / 'results'), datasets=('mnist',),
+                               docs_path=str(docs))
+  rows = result['datasets']['mnist']['rows']
+  assert [r['label'] for r in rows] == ['NA', 'DUNET']
+  for r in rows:
+    assert set(r['ours']) == set(repro.COLUMNS + repro.ADAPTIVE_COLUMNS)
+    assert all(0 <= v <= 100 for v in r['ours'].values())
+    assert r['num_examples'] == {'white': 24, 'black': 24, 'adaptive': 16}
+  # the white column of a denoiser is oblivious: crafted on the classifier behind it
+  assert {a['view'] for k, a in rows[1]['attacks'].items() if k.startswith('white:')} == {
+      'oblivious'}
+  assert {a['view'] for k, a in rows[1]['attacks'].items() if k.startswith('adaptive:')} == {
+      'exact'}
+  # the adaptive attack through D and f is at least as strong as the oblivious one
+  for i in (1, 2):
+    assert rows[1]['ours'][f'Adaptive eps{i}'] <= rows[1]['ours'][f'White eps{i}']
+  text = docs.read_text()
+  assert 'hand-written text' in text and '| DUNET |' in text
+  assert (tmp_path / 'results' / 'hgd_table2_smoke.json').is_file()
+  # a second run reuses every model and evaluation
+  again = repro.run_hgd_table('2', str(tmp_path / 'runs'), 'smoke',
+                              {'mnist': os.path.join(SHARED_DATA, 'mnist')},
+                              results_dir=str(tmp_path / 'results'), datasets=('mnist',))
+  assert again['datasets']['mnist']['rows'][1]['ours'] == rows[1]['ours']

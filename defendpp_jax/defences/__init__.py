@@ -6,7 +6,8 @@
   jpeg = defences.preprocess(defences.jpeg.jpeg(quality=75), net)   # BPDA: a JAX JPEG
   tv = defences.preprocess(defences.tv_min.tv_min(keep_prob=0.5), net)
   sap = defences.sap(module, variables, 'my-net', method=None)
-  defence = defences.registry.build(config, workdir, ds)      # a trained run
+  defence = defences.registry.build(config, workdir, ds)      # a trained run (e.g. HGD)
+  both = defences.ensemble([defence, other])                  # averaged logits
 
 Every name of config.defense.name: docs/DEFENCES.md. (The modules jpeg, quilting and tv_min
 are named as their defences: `defences.jpeg.jpeg`, `defences.quilting.quilting`, ...)
@@ -17,9 +18,11 @@ from defendpp_jax.defences.base import VIEWS
 from defendpp_jax.defences.base import Defence
 from defendpp_jax.defences.base import Preprocessor
 from defendpp_jax.defences.base import averaged
+from defendpp_jax.defences.base import ensemble
 from defendpp_jax.defences.base import preprocess
 from defendpp_jax.defences.base import straight_through
 from defendpp_jax.defences.classifier import classifier_defence
+from defendpp_jax.defences import hgd
 from defendpp_jax.defences import jpeg
 from defendpp_jax.defences import quilting
 from defendpp_jax.defences import tv_min

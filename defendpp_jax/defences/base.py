@@ -64,6 +64,12 @@ class Defence:
   rejects: bool = False
   penalty: ApplyFn | None = None
   info: dict[str, Any] = dataclasses.field(default_factory=dict)
+  # Draws of its randomness one `apply` already evaluates at once (an averaged defence's
+  # passes): an EOT view vmaps eot_chunk // draws_per_call of its draws at a time, so that one
+  # vmapped call holds about eot_chunk draws whatever the defence.
+  draws_per_call: int = 1
+  # variables -> the variables of `behind` (a pre-processed defence: its 'classifier' entry)
+  behind_variables: Callable[[Any], Any] = lambda variables: variables['classifier']
 
   def logits(self, variables: Any, x: jax.Array, key: jax.Array | None = None) -> jax.Array:
     """The deployed function: logits of x (key: the draw of a randomised defence)."""
@@ -99,7 +105,8 @@ class Defence:
     variables = self.variables if variables is None else variables
     if view == 'oblivious':
       behind = self.behind
-      return behind.attack_model('auto', eot_samples, eot_chunk, variables['classifier'])
+      return behind.attack_model('auto', eot_samples, eot_chunk,
+                                 self.behind_variables(variables))
     bpda = 'bpda' in view
     k = eot_samples if 'eot' in view else 1
     if k < 1:
@@ -109,7 +116,8 @@ class Defence:
     if self.penalty is not None:
       logits = lambda x, key: self.apply(variables, x, key, bpda)[..., :-1]
       penalty = lambda x, key: self.penalty(variables, x, key, bpda)
-    return attack_core.AttackModel(logits, eot_samples=k, eot_chunk=eot_chunk,
+    return attack_core.AttackModel(logits, eot_samples=k,
+                                   eot_chunk=max(1, eot_chunk // self.draws_per_call),
                                    randomised=self.randomised, penalty=penalty)
 
   def view_settings(self, view: str, eot_samples: int) -> dict[str, Any]:
@@ -145,7 +153,8 @@ def preprocess(pre: Preprocessor, classifier: Defence, name: str | None = None) 
   return Defence(name or f'{pre.name}+{classifier.name}', apply,
                  {'preprocessor': pre.variables, 'classifier': classifier.variables},
                  randomised=pre.randomised or classifier.randomised,
-                 stand_ins=pre.stand_ins + classifier.stand_ins, behind=classifier)
+                 stand_ins=pre.stand_ins + classifier.stand_ins, behind=classifier,
+                 draws_per_call=classifier.draws_per_call)
 
 
 def averaged(defence: Defence, passes: int, name: str | None = None) -> Defence:
@@ -165,7 +174,36 @@ def averaged(defence: Defence, passes: int, name: str | None = None) -> Defence:
         jax.random.split(key, passes))
     return jax.nn.logsumexp(logp, axis=0) - jnp.log(float(passes))
 
-  return dataclasses.replace(defence, name=name or f'{defence.name} x{passes}', apply=apply)
+  return dataclasses.replace(defence, name=name or f'{defence.name} x{passes}', apply=apply,
+                             draws_per_call=defence.draws_per_call * passes)
+
+
+def ensemble(members: 'list[Defence] | tuple[Defence, ...]', name: str | None = None
+             ) -> Defence:
+  """The members' averaged logits (HGD's Appendix C ensembles); variables: a tuple of the
+  members'. Its `behind` (what an oblivious attacker attacks) is the ensemble of the members'
+  `behind`s when every member has one (e.g. denoisers in front of classifiers)."""
+  members = tuple(members)
+  if not members:
+    raise ValueError('an ensemble needs at least one member')
+  randomised = any(m.randomised for m in members)
+
+  def apply(variables, x, key, bpda):
+    keys = [key] * len(members)
+    if key is not None and randomised:
+      keys = list(jax.random.split(key, len(members)))
+    return sum(m.apply(v, x, k, bpda) for m, v, k in zip(members, variables, keys)
+               ) / len(members)
+
+  behind = None
+  if all(m.behind is not None for m in members):
+    behind = ensemble([m.behind for m in members])
+  return Defence(name or '&'.join(m.name for m in members), apply,
+                 tuple(m.variables for m in members), randomised=randomised,
+                 stand_ins=tuple(p for m in members for p in m.stand_ins), behind=behind,
+                 behind_variables=lambda vs: tuple(m.behind_variables(v)
+                                                   for m, v in zip(members, vs)),
+                 draws_per_call=max(m.draws_per_call for m in members))
 
 
 def straight_through(hard: jax.Array, soft: jax.Array) -> jax.Array:

@@ -211,10 +211,24 @@ def load_or_craft(path: str, meta: dict[str, Any], craft: Callable[[], dict[str,
 # Deployment.
 
 
-def preprocessor(denoiser: Any, variables: Any, name: str) -> base.Preprocessor:
+def preprocessor(denoiser: Any, variables: Any, name: str,
+                 residual_scale: float = 1.0) -> base.Preprocessor:
   """The trained denoiser as a deployed pre-processor: x -> D(x), inference mode (BatchNorm's
-  running statistics). Differentiable: no BPDA stand-in, the white-box view is exact."""
+  running statistics). Differentiable: no BPDA stand-in, the white-box view is exact.
+  `residual_scale` s deploys x + s (D(x) - x) (2: the paper's "PGD x2", Appendix B)."""
   def apply(v, x, key, bpda):
     del key, bpda
-    return denoiser.apply(v, x, train=False)
+    out = denoiser.apply(v, x, train=False)
+    return out if residual_scale == 1.0 else x + residual_scale * (out - x)
   return base.Preprocessor(name, apply, variables)
+
+
+def averaged_preprocessors(pres: Sequence[base.Preprocessor], name: str) -> base.Preprocessor:
+  """The mean of several deterministic pre-processors' outputs (the paper's "LGD1&LGD2 ->",
+  Appendix C); variables: a tuple of theirs."""
+  pres = tuple(pres)
+
+  def apply(v, x, key, bpda):
+    return sum(p.apply(vi, x, key, bpda) for p, vi in zip(pres, v)) / len(pres)
+  return base.Preprocessor(name, apply, tuple(p.variables for p in pres),
+                           stand_ins=tuple(s for p in pres for s in p.stand_ins))

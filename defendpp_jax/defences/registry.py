@@ -144,13 +144,18 @@ def _comdefend(config, workdir, ds, trained) -> base.Defence:
                          protected_classifier(config, ds), run_name(config))
 
 
-def _hgd(config, workdir, ds, trained) -> base.Defence:
+def hgd_preprocessor(config, workdir, ds, trained=None) -> base.Preprocessor:
+  """The trained HGD denoiser of `workdir` (or `trained`) as a pre-processor."""
   hc = config.defense.hgd
   denoiser = denoisers.build_denoiser(hc.arch, ds.image_shape[-1], tuple(hc.widths),
                                       config.model.conv)
   variables = trained if trained is not None else saved.restore_variables(workdir)[0]
   variables = {'params': variables['params'], 'batch_stats': variables.get('batch_stats', {})}
-  return base.preprocess(hgd.preprocessor(denoiser, variables, f'hgd-{hc.arch}-{hc.loss}'),
+  return hgd.preprocessor(denoiser, variables, f'hgd-{hc.arch}-{hc.loss}', hc.residual_scale)
+
+
+def _hgd(config, workdir, ds, trained) -> base.Defence:
+  return base.preprocess(hgd_preprocessor(config, workdir, ds, trained),
                          protected_classifier(config, ds), run_name(config))
 
 
@@ -209,7 +214,8 @@ def run_name(config: ml_collections.ConfigDict) -> str:
            'quilting': lambda: f'quilting-k{d.quilting.k}-db{d.quilting.num_patches}',
            'resize_pad': lambda: f'resize_pad-x{d.resize_pad.passes}',
            'sap': lambda: f'sap-{d.sap.after}',
-           'hgd': lambda: f'hgd-{d.hgd.arch}-{d.hgd.loss}-w{d.hgd.widths[0]}'}
+           'hgd': lambda: (f'hgd-{d.hgd.arch}-{d.hgd.loss}-w{d.hgd.widths[0]}' +
+                           (f'-x{d.hgd.residual_scale:g}' if d.hgd.residual_scale != 1 else ''))}
   if name in names:
     return names[name]()
   if name not in ('none', 'rse'):

@@ -115,8 +115,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, progress: bool = T
   validate.validate_config(config)
   ds = data_lib.dataset_of(config)
   ec = config.eval
-  n = ec.num_examples or len(ds.test_labels)
-  images, labels = ds.test_images[:n], ds.test_labels[:n]
+  images, labels = test_split(ds, ec)
   target = registry.build(config, workdir, ds)
   step = _step_of(config, workdir)
   source = None
@@ -156,6 +155,23 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, progress: bool = T
     reporting.write_report(report, out_dir or workdir)
   print(reporting.markdown_table(report), flush=True)
   return report
+
+
+def test_split(ds: data_lib.Dataset, ec: ml_collections.ConfigDict
+               ) -> tuple[np.ndarray, np.ndarray]:
+  """The evaluated test images: those of config.eval.classes (() = all), the first
+  config.eval.num_examples of them (0 = all)."""
+  images, labels = ds.test_images, ds.test_labels
+  classes = tuple(ec.get('classes', ()))
+  if classes:
+    unknown = sorted(set(classes) - set(range(ds.num_classes)))
+    if unknown:
+      raise ValueError(f'config.eval.classes={classes}: {unknown} are not classes of '
+                       f'{ds.name} (0 .. {ds.num_classes - 1})')
+    keep = np.isin(labels, np.asarray(classes))
+    images, labels = images[keep], labels[keep]
+  n = ec.num_examples or len(labels)
+  return images[:n], labels[:n]
 
 
 def _step_of(config, workdir) -> int | None:

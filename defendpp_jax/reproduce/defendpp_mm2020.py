@@ -83,6 +83,8 @@ MODELS = {
     'vgg16_ours': {'model.arch': 'vgg16', 'model.shared_blocks': 2},
     'resnet50_plain': {'model.arch': 'resnet50', 'model.decoder': 'none'},
     'resnet50_ours': {'model.arch': 'resnet50', 'model.shared_blocks': 4},
+    # HGD's held-out black-box source (the role of its IncV4): used for nothing else.
+    'resnet34_plain': {'model.arch': 'resnet34', 'model.decoder': 'none'},
 }
 STANDARD_ATTACKS = ('fgsm', 'bim', 'pgd', 'cw_l2', 'ddn')
 STRONG_ATTACKS = ('pgd', 'apgd', 'apgd_dlr', 'cw_l2', 'ddn')

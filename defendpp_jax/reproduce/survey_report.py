@@ -8,7 +8,6 @@ Usage:
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from defendpp_jax import files
@@ -121,15 +120,4 @@ def markdown(result: dict[str, Any]) -> str:
 
 def write_doc(result: dict[str, Any], path: str) -> None:
   """Replaces the generated part of `path` (or creates the document around it)."""
-  generated = f'{START}\n\n{markdown(result)}\n{END}'
-  if os.path.isfile(path):
-    with open(path) as f:
-      text = f.read()
-    if START in text and END in text:
-      head, rest = text.split(START, 1)
-      text = head + generated + rest.split(END, 1)[1]
-    else:
-      text = text.rstrip('\n') + '\n\n' + generated + '\n'
-  else:
-    text = '# Defences in the lab\n\n' + generated + '\n'
-  files.write_text(path, text)
+  files.write_generated(path, START, END, markdown(result), 'Defences in the lab')

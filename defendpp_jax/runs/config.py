@@ -182,6 +182,12 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.defense.hgd.variants = ('clean', 'noise', 'fgsm_target', 'fgsm_ensemble',
                                  'ifgsm2_ensemble', 'ifgsm4_ensemble', 'ifgsm8_ensemble')
   config.defense.hgd.seed = 0
+  # The classifier run the training set's attacks target ('' = classifier_workdir): a denoiser
+  # guided by another classifier can learn from the same crafted set (the paper's Table 5 / 9).
+  config.defense.hgd.crafted_on = ''
+  # Deployed D(x) = x + residual_scale x (D's predicted negative noise): 1 = HGD; 2 = the
+  # paper's "PGD x2" (Appendix B, Table 8).
+  config.defense.hgd.residual_scale = 1.0
 
   config.eval = ml_collections.ConfigDict()
   config.eval.batch_size = 500
@@ -197,6 +203,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.eval.eot_chunk = 10          # EOT samples evaluated at once (vmapped); bounds memory
   config.eval.draws = 1               # R: independent draws of a randomised defence's randomness
   config.eval.num_examples = 1000     # first N test images; 0 = the whole test split
+  config.eval.classes = ()            # only test images of these classes (() = all)
   config.eval.eps = 0.0               # L-inf eps; 0 = per dataset (0.2 MNIST, 0.05 CIFAR-10)
   config.eval.step_size_factor = 2.5  # BIM / PGD step = factor * eps / steps (Madry et al.)
   config.eval.bim_steps = 100

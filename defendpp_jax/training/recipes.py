@@ -308,7 +308,10 @@ def hgd_training_data(config: ml_collections.ConfigDict, ds: data_lib.Dataset,
   """`ds` with its training split replaced by HGD's pairs (N, 2, H, W, C) = [x_adv, x] and
   their true labels, crafted once (config.defense.hgd.trainset) and reused."""
   hc = config.defense.hgd
-  target = registry.protected_classifier(config, ds)
+  crafted_on = hc.crafted_on or config.defense.classifier_workdir
+  craft_config = config.copy_and_resolve_references()
+  craft_config.defense.classifier_workdir = crafted_on
+  target = registry.protected_classifier(craft_config, ds)
   members = []
   for d in hc.ensemble_workdirs:
     run_config = saved.config_of_run(d)
@@ -332,8 +335,7 @@ def hgd_training_data(config: ml_collections.ConfigDict, ds: data_lib.Dataset,
   index = np.sort(index)
   images = ds.train_images[index]
   fingerprint = lambda d: saved.summary_of_run(d)['params_sha256']
-  meta = {'target': os.path.abspath(config.defense.classifier_workdir),
-          'target_params': fingerprint(config.defense.classifier_workdir),
+  meta = {'target': os.path.abspath(crafted_on), 'target_params': fingerprint(crafted_on),
           'ensemble': [os.path.abspath(d) for d in hc.ensemble_workdirs],
           'ensemble_params': [fingerprint(d) for d in hc.ensemble_workdirs],
           'dataset': config.data.name, 'train_limit': config.data.train_limit,
