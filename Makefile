@@ -20,7 +20,7 @@ run: venv
 	$(PY) -m launch.quickstart --workdir=runs/quickstart
 
 test: venv
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=30 tests
 
 clean:
 	rm -rf runs .cache

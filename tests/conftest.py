@@ -5,6 +5,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_DATA = os.path.join(os.path.dirname(ROOT), 'shared', 'data')
 sys.path.insert(0, ROOT)
@@ -24,3 +26,27 @@ def run_python_args(args, env_extra=None, timeout=600) -> str:
 def run_python(code: str, env_extra=None, timeout=600) -> str:
   """Runs `code` (dedented) in a fresh Python with the repository on the path; its stdout."""
   return run_python_args(['-c', textwrap.dedent(code)], env_extra, timeout)
+
+
+def quickstart_smoke_config():
+  """The quickstart's smoke config as the run-level tests use it: a plain classifier on the
+  digits, 96 test images, 24 evaluated, FGSM and PGD-3, no figures."""
+  from configs import quickstart  # pylint: disable=g-import-not-at-top
+  config = quickstart.get_config('smoke')
+  config.model.decoder = 'none'
+  config.data.test_limit = 96
+  config.eval.num_examples = 24
+  config.eval.attacks = ('fgsm', 'pgd(steps=3)')
+  config.eval.figures = False
+  return config
+
+
+@pytest.fixture(scope='session')
+def plain_run(tmp_path_factory):
+  """(config, workdir) of one trained plain classifier (the smoke config), shared by the
+  modules that deploy defences in front of a trained run."""
+  from defendpp_jax import training  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path_factory.mktemp('plain') / 'plain')
+  config = quickstart_smoke_config()
+  training.train_and_evaluate(config, workdir)
+  return config, workdir

@@ -12,8 +12,8 @@ import jax
 import numpy as np
 import pytest
 
-from configs import quickstart
 from conftest import SHARED_DATA
+from conftest import quickstart_smoke_config
 from conftest import run_python_args
 from defendpp_jax import data as data_lib
 from defendpp_jax import evaluation
@@ -25,21 +25,9 @@ from defendpp_jax.training import recipes
 
 
 def _smoke(decoder='none'):
-  config = quickstart.get_config('smoke')
+  config = quickstart_smoke_config()
   config.model.decoder = decoder
-  config.data.test_limit = 96
-  config.eval.num_examples = 24
-  config.eval.attacks = ('fgsm', 'pgd(steps=3)')
-  config.eval.figures = False
   return config
-
-
-@pytest.fixture(scope='module')
-def plain_run(tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp('survey') / 'plain')
-  config = _smoke()
-  training.train_and_evaluate(config, workdir)
-  return config, workdir
 
 
 def test_the_issue_command_evaluates_jpeg_in_front_of_a_trained_run(plain_run, tmp_path):
