@@ -22,6 +22,11 @@ ADVERSARIAL = ('none', 'fgsm', 'pgd', 'ddn')
 DDN_MAX_NORM = {'mnist': 2.4, 'digits': 2.4, 'cifar10': 1.0}
 
 
+# ImageNet-style folders (config.data.name='imagefolder') follow ImageNet's budgets.
+for _table in (LINF_EPS, L2_THRESHOLDS, EPS_GRID):
+  _table['imagefolder'] = _table['imagenet']
+
+
 def linf_eps(dataset: str, configured: float = 0.0) -> float:
   """`configured` if set (> 0), else the paper's L-inf eps of `dataset`."""
   return configured or LINF_EPS.get(dataset, 0.05)

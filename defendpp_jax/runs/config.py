@@ -24,7 +24,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
 
   config.data = ml_collections.ConfigDict()
-  config.data.name = 'mnist'          # mnist | cifar10 | digits
+  config.data.name = 'mnist'          # mnist | cifar10 | digits | imagefolder (data_dir: train/, val/)
   config.data.data_dir = ''           # raw files; '' -> $DEFENDPP_DATA_DIR, else tfds
   config.data.train_limit = 0         # 0 = the whole split
   config.data.test_limit = 0
