@@ -31,6 +31,7 @@ from absl import logging
 
 from defendpp_jax import reproduce
 from defendpp_jax.reproduce import hgd_cvpr2018
+from defendpp_jax.reproduce import hgd_runner
 from defendpp_jax.reproduce import survey
 
 PAPERS = ('defendpp', 'survey', 'hgd')
@@ -59,7 +60,7 @@ def main(argv):
   data_dirs = {'mnist': _MNIST.value, 'cifar10': _CIFAR.value}
   try:
     if _PAPER.value == 'hgd':
-      hgd_cvpr2018.run_hgd_table(
+      hgd_runner.run_hgd_table(
           _TABLE.value, _WORKDIR.value, _BUDGET.value, data_dirs, results_dir=_RESULTS.value,
           seed=_SEED.value, datasets=tuple(_DATASETS.value),
           docs_path=_DOCS.value or ('docs/HGD.md' if _BUDGET.value == 'cpu' else None),

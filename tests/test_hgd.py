@@ -277,6 +277,7 @@ def test_ensembles_average_logits_and_are_attacked_obliviously_through_their_cla
 def test_hgd_reproduction_writes_its_table_and_docs_section(tmp_path, monkeypatch):
   from conftest import SHARED_DATA
   from defendpp_jax.reproduce import hgd_cvpr2018 as repro
+  from defendpp_jax.reproduce import hgd_runner
   # the smallest cast: no ensemble members, the target as its own black-box source
   monkeypatch.setattr(repro, 'ENSEMBLE', ())
   monkeypatch.setattr(repro, 'HELD_OUT', repro.TARGET)
@@ -287,10 +288,10 @@ def test_hgd_reproduction_writes_its_table_and_docs_section(tmp_path, monkeypatc
       for i, e in enumerate(repro.eps_pair(dataset), start=1)))
   docs = tmp_path / 'HGD.md'
   docs.write_text('# HGD\n\nhand-written text\n')
-  result = repro.run_hgd_table('2', str(tmp_path / 'runs'), 'smoke',
-                               {'mnist': os.path.join(SHARED_DATA, 'mnist')},
-                               results_dir=str(tmp_path / 'results'), datasets=('mnist',),
-                               docs_path=str(docs))
+  data_dirs = {'mnist': os.path.join(SHARED_DATA, 'mnist')}
+  result = hgd_runner.run_hgd_table('2', str(tmp_path / 'runs'), 'smoke', data_dirs,
+                                    results_dir=str(tmp_path / 'results'), datasets=('mnist',),
+                                    docs_path=str(docs))
   rows = result['datasets']['mnist']['rows']
   assert [r['label'] for r in rows] == ['NA', 'DUNET']
   for r in rows:
@@ -309,7 +310,6 @@ def test_hgd_reproduction_writes_its_table_and_docs_section(tmp_path, monkeypatc
   assert 'hand-written text' in text and '| DUNET |' in text
   assert (tmp_path / 'results' / 'hgd_table2_smoke.json').is_file()
   # a second run reuses every model and evaluation
-  again = repro.run_hgd_table('2', str(tmp_path / 'runs'), 'smoke',
-                              {'mnist': os.path.join(SHARED_DATA, 'mnist')},
-                              results_dir=str(tmp_path / 'results'), datasets=('mnist',))
+  again = hgd_runner.run_hgd_table('2', str(tmp_path / 'runs'), 'smoke', data_dirs,
+                                   results_dir=str(tmp_path / 'results'), datasets=('mnist',))
   assert again['datasets']['mnist']['rows'][1]['ours'] == rows[1]['ours']
