@@ -32,7 +32,7 @@ from defendpp_jax.defences import quilting
 from defendpp_jax.defences import squeezing
 from defendpp_jax.defences import tv_min
 from defendpp_jax.nn import classifiers
-from launch.benchmark import _time
+from launch.timing import _time
 
 
 def _setup(width: int, shape, batch: int, num_patches: int = 20000):

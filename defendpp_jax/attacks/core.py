@@ -69,9 +69,18 @@ class AttackModel:
       raise ValueError('EOT over a randomised model needs a key')
     keys = jax.random.split(key, self.eot_samples)
     # Chunks of draws vmapped, one after another in an unrolled loop (a lax.map / scan around a
-    # model gradient compiles to a several-times slower loop on CPU).
+    # model gradient compiles to a several-times slower loop on CPU). Each chunk's keys wait
+    # for the previous chunk's result (an optimisation barrier), so XLA runs the chunks in turn
+    # instead of interleaving them: memory stays that of one chunk, and so does the speed per
+    # draw (RSE's 10-pass prediction: EOT-10 took 1.27 x 10 x EOT-1 interleaved, 1.00 chained).
     chunk = max(1, min(self.eot_chunk, self.eot_samples))
-    parts = [jax.vmap(fn)(keys[s:s + chunk]) for s in range(0, self.eot_samples, chunk)]
+    parts, previous = [], None
+    for s in range(0, self.eot_samples, chunk):
+      k = keys[s:s + chunk]
+      if previous is not None:
+        k, _ = jax.lax.optimization_barrier((k, previous))
+      parts.append(jax.vmap(fn)(k))
+      previous = jax.tree_util.tree_leaves(parts[-1])[0]
     out = parts[0] if len(parts) == 1 else jax.tree_util.tree_map(
         lambda *a: jnp.concatenate(a), *parts)
     return jax.tree_util.tree_map(
