@@ -163,7 +163,7 @@ def bench_hgd(width: int, shape, batch: int, repeats: int, conv: str = 'auto',
 
   def timed(recipe, images, weights, frozen):
     step = training.jit_train_step(functools.partial(recipes.train_step, recipe=recipe), mesh)
-    holder = [jax.jit(recipe.init)(jax.random.key(0))]
+    holder = [jax.jit(recipe.init, out_shardings=parallel.replicated(mesh))(jax.random.key(0))]
     xs, ys = parallel.shard_batch(mesh, images, y)
 
     def once():
