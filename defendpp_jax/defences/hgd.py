@@ -66,7 +66,9 @@ def eps_unit(dataset: str) -> float:
 # The guide (the frozen target) and the four losses.
 
 
-def _classifier_features(module, x):
+def classifier_features(module, x):
+  """(logits, features) of a `DefendPP`'s classifier in inference mode (a `method=` of
+  `module.apply`): features = one list of (name, array) taps per encoder block."""
   return module.classifier(x, train=False, return_features=True)
 
 
@@ -74,7 +76,7 @@ def guide_of(module: Any, variables: Any) -> Guide:
   """x -> (top convolutional feature map before pooling, logits) of the classifier of a
   `DefendPP` module, in inference mode (BatchNorm's stored statistics)."""
   def guide(x):
-    logits, features = module.apply(variables, x, method=_classifier_features)
+    logits, features = module.apply(variables, x, method=classifier_features)
     return features[-1][-1][1], logits
   return guide
 

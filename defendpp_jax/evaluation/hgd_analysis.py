@@ -44,6 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from defendpp_jax.defences import hgd
 from defendpp_jax.evaluation.reporting import _pyplot
 from defendpp_jax.evaluation.reporting import _save
 
@@ -60,13 +61,9 @@ Denoise = Callable[[jax.Array], jax.Array]
 # The classifier's layers.
 
 
-def _classifier_features(m, x):
-  return m.classifier(x, train=False, return_features=True)
-
-
 def _layers(module: Any, variables: Any, x: jax.Array) -> list[jax.Array]:
   """[output of E_0, ..., output of E_{B-1}, logits] of the classifier, inference mode."""
-  logits, features = module.apply(variables, x, method=_classifier_features)
+  logits, features = module.apply(variables, x, method=hgd.classifier_features)
   return [taps[-1][1] for taps in features] + [logits]
 
 
