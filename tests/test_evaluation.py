@@ -9,6 +9,7 @@ import pytest
 from configs import quickstart
 from defendpp_jax import data as data_lib
 from defendpp_jax import evaluation
+from defendpp_jax import parallel
 from defendpp_jax import training
 from defendpp_jax.attacks import specs
 from defendpp_jax.defences import registry
@@ -164,3 +165,108 @@ def test_crafted_images_are_kept_least_recently_used_first_out(monkeypatch):
   assert list(runner._CRAFTED) == ['b', 'a', 'c']
   assert runner._crafted_batches('d') == []  # 1,200 > 800: b goes, then 800 is within
   assert list(runner._CRAFTED) == ['a', 'c', 'd']
+
+
+# ---------------------------------------------------------------------------------------------
+# The worst-case cascade (config.eval.worst_case) on a linear model whose answers are known.
+
+def _mean_threshold_model():
+  """Class 1 iff the mean pixel exceeds 0.5: under L-inf eps (no clipping for pixels in
+  [0.25, 0.75] and eps <= 0.25) an example is robust iff |mean - 0.5| > eps, and FGSM reaches
+  that worst case exactly."""
+  import jax.numpy as jnp
+  from defendpp_jax import defences
+  return defences.from_logits_fn(
+      lambda x: jnp.stack([0.5 - x.mean((1, 2, 3)), x.mean((1, 2, 3)) - 0.5], -1) * 10.0)
+
+
+def _linear_set(n=37, seed=0):
+  rng = np.random.default_rng(seed)
+  images = rng.uniform(0.25, 0.75, size=(n, 2, 2, 1)).astype(np.float32)
+  mean = images.mean((1, 2, 3))
+  labels = (mean > 0.5).astype(np.int32)
+  labels[:5] = 1 - labels[:5]  # misclassified without attack: broken in every row
+  return images, labels, mean
+
+
+def test_worst_case_cascade_gives_the_analytic_robust_set():
+  images, labels, mean = _linear_set()
+  report = evaluation.evaluate_defence(
+      _mean_threshold_model(), images, labels,
+      ('fgsm(eps=0.1, label=f10)', 'pgd(eps=0.02, steps=5, label=p02)', 'fgsm(eps=0.02)'),
+      batch_size=16, worst_case=True)
+  rows = report['rows']
+  assert [r['eps'] for r in rows] == [0.02, 0.02, 0.1]  # increasing eps, order kept within
+  assert [r['attack'] for r in rows][:2] == ['p02', 'fgsm']
+  clean_ok = np.arange(len(labels)) >= 5
+  for r in rows:
+    assert r['worst_case'] and r['seen'] == len(labels)
+    robust = clean_ok & (np.abs(mean - 0.5) > r['eps'] + 1e-6)
+    near = np.abs(np.abs(mean - 0.5) - r['eps']) < 1e-5  # float ties on the boundary
+    assert abs(r['correct'] - robust.sum()) <= near.sum()
+  assert rows[-1]['correct'] < rows[0]['correct']
+
+
+def coin_defence(std):
+  """The mean-threshold model plus logit noise: predictions change from draw to draw."""
+  import jax
+  import jax.numpy as jnp
+  from defendpp_jax import defences
+
+  def logits_fn(x, key):
+    m = x.mean((1, 2, 3)) - 0.5 + std * jax.random.normal(key, x.shape[:1])
+    return jnp.stack([-m, m], -1)
+  return defences.from_logits_fn(logits_fn, randomised=True)
+
+
+def _mlp_model(seed=0):
+  import jax.numpy as jnp
+  from defendpp_jax import defences
+  rng = np.random.default_rng(seed)
+  w1 = rng.normal(size=(4, 16)).astype(np.float32)
+  w2 = rng.normal(size=(16, 2)).astype(np.float32)
+  return defences.from_logits_fn(lambda x: jnp.tanh(x.reshape(len(x), -1) @ w1 - 1.0) @ w2)
+
+
+def test_worst_case_equals_the_per_example_and_over_deterministic_attacks():
+  import jax
+  images, labels, _ = _linear_set(n=40, seed=1)
+  model = _mlp_model()
+  labels = np.array(model.logits({}, images, None).argmax(-1), np.int32)
+  labels[:4] = 1 - labels[:4]
+  key = jax.random.key(0)
+  entries = [specs.make_spec('fgsm', eps=0.4, label='f40'), specs.make_spec('fgsm', eps=0.15),
+             specs.make_spec('bim', eps=0.15, steps=5)]
+  run = lambda s: runner.run_attack(s, model, images, labels, 16, key, progress=False)
+  ind = {s.key: run(s).ok_per_draw[0] for s in entries}
+  clean = runner.clean_predictions(model, images, labels, 16)
+  casc = evaluation.worst_case_results(model, images, labels, entries, 16, key,
+                                       progress=False)
+  assert list(casc) == ['fgsm', 'bim', 'f40']
+  expect = clean.copy()
+  for name in casc:
+    expect &= ind[name]
+    got = casc[name].ok_per_draw[0]
+    assert casc[name].cascade and np.sum(got != expect) <= 1, name  # <= 1: float ties
+    assert casc[name].correct <= min(ind[n].sum() for n in ind if n != 'f40' or name == 'f40')
+  assert casc['f40'].correct < casc['bim'].correct <= casc['fgsm'].correct < clean.sum()
+
+
+def test_worst_case_of_a_randomised_defence_shrinks_per_draw():
+  images, labels, _ = _linear_set(n=40, seed=1)
+  entries = ('fgsm(eps=0.05)', 'pgd(eps=0.05, steps=3)', 'fgsm(eps=0.1, label=f10)')
+  report = evaluation.evaluate_defence(coin_defence(0.5), images, labels, entries,
+                                       batch_size=16, view='exact', draws=3, worst_case=True)
+  rows = {r['attack']: r for r in report['rows']}
+  assert list(rows) == ['fgsm', 'pgd', 'f10']
+  assert all(r['draws'] == 3 and r['worst_case'] for r in rows.values())
+  for a, b in (('fgsm', 'pgd'), ('pgd', 'f10')):
+    assert all(y <= x for x, y in zip(rows[a]['correct_per_draw'], rows[b]['correct_per_draw']))
+  assert rows['fgsm']['correct_per_draw'][0] < len(labels) - 5
+
+
+def test_survivor_batches_are_powers_of_two_within_the_full_batch():
+  mesh = parallel.make_mesh()
+  got = [runner.survivor_batch(n, 64, mesh) for n in (1, 2, 3, 5, 33, 64, 100)]
+  d = mesh.size
+  assert got == [max(d, b) if b <= 64 else 64 for b in (1, 2, 4, 8, 64, 64, 128)]

@@ -11,3 +11,4 @@ never imports the trainer.
 from defendpp_jax.evaluation.evaluate import evaluate
 from defendpp_jax.evaluation.evaluate import evaluate_defence
 from defendpp_jax.evaluation.evaluate import eps_sweep
+from defendpp_jax.evaluation.evaluate import worst_case_results

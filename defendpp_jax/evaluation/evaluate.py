@@ -46,22 +46,34 @@ def run_entries(defence: Defence, images: np.ndarray, labels: np.ndarray,
                 specs: Sequence[specs_lib.AttackSpec], *, batch_size: int, key: jax.Array,
                 view: str, eot_samples: int, eot_chunk: int, draws: int,
                 source: Defence | None = None, thresholds=(), progress: bool = True,
-                transfer_from: Defence | None = None) -> dict[str, Any]:
-  """The rows, transfer rows and checks of one evaluation of `defence` (no files written)."""
+                transfer_from: Defence | None = None, worst_case: bool = False
+                ) -> dict[str, Any]:
+  """The rows, transfer rows and checks of one evaluation of `defence` (no files written).
+
+  `worst_case` (config.eval.worst_case): the eps-bounded attacks run as a cascade (AutoAttack's
+  worst case over attacks), see `worst_case_results`."""
   n = len(labels)
   correct, seen, worst = _clean(defence, images, labels, batch_size, key, draws)
   clean_acc = correct / seen
   common = dict(view=view, eot_samples=eot_samples, eot_chunk=eot_chunk, draws=draws,
                 progress=progress)
-  results = {s.key: runner.run_attack(s, defence, images, labels, batch_size, key,
-                                      source=source, **common) for s in specs}
+  clean = None
+  if worst_case:
+    clean = clean_masks(defence, images, labels, batch_size, key,
+                        runner.effective_draws(defence, source, draws))
+    results = worst_case_results(defence, images, labels, specs, batch_size, key,
+                                 source=source, clean=clean, **common)
+  else:
+    results = {s.key: runner.run_attack(s, defence, images, labels, batch_size, key,
+                                        source=source, **common) for s in specs}
   transfer = {}
   if transfer_from is not None:
     transfer = {s.key: runner.run_attack(s, defence, images, labels, batch_size, key,
                                          source=transfer_from, **common) for s in specs}
   checks = diagnostics.sanity_checks(defence, images, labels, clean_acc, results, batch_size,
                                      key, transfer, view=view, eot_samples=eot_samples,
-                                     eot_chunk=eot_chunk, draws=draws)
+                                     eot_chunk=eot_chunk, draws=draws,
+                                     alive=clean if source is None else None)
   if source is None:  # the gradients attacked are the defence's own
     checks += diagnostics.gradient_checks(defence, images, labels, results, key, view,
                                           eot_samples, eot_chunk)
@@ -83,6 +95,41 @@ def run_entries(defence: Defence, images: np.ndarray, labels: np.ndarray,
   return out
 
 
+def clean_masks(defence: Defence, images, labels, batch_size: int, key: jax.Array,
+                draws: int) -> list[np.ndarray]:
+  """Per draw, which unattacked examples the defence defends: where a cascade starts."""
+  return [runner.clean_predictions(defence, images, labels, batch_size,
+                                   key=runner.draw_key(key, r, draws), rejected_ok=True)
+          for r in range(draws)]
+
+
+def worst_case_results(defence: Defence, images: np.ndarray, labels: np.ndarray,
+                       specs: Sequence[specs_lib.AttackSpec], batch_size: int, key: jax.Array,
+                       source: Defence | None = None, draws: int = 1,
+                       clean: list[np.ndarray] | None = None, **common
+                       ) -> dict[str, runner.AttackResult]:
+  """The eps-bounded attacks as a cascade, per norm in increasing eps (the given order within
+  an eps): each attacks only the examples, per draw, still defended after the clean pass and
+  every attack before it, so its row is the per-example worst case over it and them (an
+  adversarial at a smaller eps lies in every larger ball) and never above the minimum over the
+  attacks run independently. Minimal-norm attacks run on every example, after."""
+  draws = runner.effective_draws(defence, source, draws)
+  if clean is None:
+    clean = clean_masks(defence, images, labels, batch_size, key, draws)
+  alive: dict[str, list[np.ndarray]] = {}
+  results = {}
+  for s in sorted((s for s in specs if s.eps is not None), key=lambda s: (s.norm, s.eps)):
+    res = runner.run_attack(s, defence, images, labels, batch_size, key, source=source,
+                            draws=draws, alive=alive.get(s.norm, clean), **common)
+    alive[s.norm] = res.ok_per_draw
+    results[s.key] = res
+  for s in specs:
+    if s.eps is None:
+      results[s.key] = runner.run_attack(s, defence, images, labels, batch_size, key,
+                                         source=source, draws=draws, **common)
+  return results
+
+
 def evaluate_defence(defence: Defence, images: np.ndarray, labels: np.ndarray,
                      attacks: Sequence[str] = ('fgsm', 'pgd', 'apgd', 'apgd_dlr'), *,
                      dataset: str = 'mnist', eps: float = 0.0, view: str = 'auto',
@@ -101,7 +148,8 @@ def evaluate_defence(defence: Defence, images: np.ndarray, labels: np.ndarray,
   report = run_entries(defence, np.asarray(images, np.float32), np.asarray(labels, np.int32),
                        specs, batch_size=batch_size, key=jax.random.key(seed), view=view,
                        eot_samples=eot_samples, eot_chunk=eot_chunk, draws=draws,
-                       thresholds=protocol.l2_thresholds(dataset), progress=progress)
+                       thresholds=protocol.l2_thresholds(dataset), progress=progress,
+                       worst_case=ec.worst_case)
   return {'model': defence.name, 'dataset': dataset, 'step': None, **report}
 
 
@@ -133,7 +181,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, progress: bool = T
       batch_size=ec.batch_size, key=jax.random.key(ec.seed), view=view,
       eot_samples=ec.eot_samples, eot_chunk=ec.eot_chunk, draws=ec.draws, source=attack_source,
       thresholds=protocol.l2_thresholds(config.data.name, ec.l2_thresholds), progress=progress,
-      transfer_from=source if ec.threat_model != 'transfer' else None)
+      transfer_from=source if ec.threat_model != 'transfer' else None,
+      worst_case=ec.get('worst_case', False))
   transfer_rows = report.pop('transfer_rows')
   report = {
       'model': target.name, 'workdir': os.path.abspath(workdir), 'step': step,

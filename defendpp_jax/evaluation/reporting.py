@@ -60,6 +60,8 @@ def _view(row: dict[str, Any]) -> str:
     s += f' (EOT {row["eot_samples"]})'
   if row.get('draws', 1) > 1:
     s += f', mean of {row["draws"]} draws (worst {_pct(row["accuracy_worst"])}%)'
+  if row.get('worst_case'):
+    s += '; worst case over this and the rows above (cascade)'
   return s
 
 

@@ -10,6 +10,11 @@ masked), sharded over all devices along 'data'. It crafts on the attacker's view
 A randomised defence is evaluated over `draws` independent draws of its randomness (the attack's
 keys and the classification keys both fresh per draw): `accuracy` is the mean over draws,
 `accuracy_worst` the worst draw; `correct` / `seen` sum over draws.
+
+`alive` (one boolean mask per draw) restricts an attack to the examples still defended, as in
+AutoAttack's cascade (evaluate.run_entries with config.eval.worst_case): the others count as
+broken without being attacked, and the survivors run in batches of the next power of two (so
+that a cascade compiles a handful of batch shapes, not one per survivor count).
 """
 
 from __future__ import annotations
@@ -81,8 +86,10 @@ def clean_rejections(defence: Defence, images: np.ndarray, labels: np.ndarray,
 
 
 def clean_predictions(defence: Defence, images: np.ndarray, labels: np.ndarray,
-                      batch_size: int, key: jax.Array | None = None, mesh=None) -> np.ndarray:
-  """Per-example correctness (bool) of the deployed defence on unattacked images."""
+                      batch_size: int, key: jax.Array | None = None, mesh=None,
+                      rejected_ok: bool = False) -> np.ndarray:
+  """Per-example correctness (bool) of the deployed defence on unattacked images
+  (`rejected_ok`: a detector's rejection counts as defended, as for attacked inputs)."""
   mesh = mesh or parallel.make_mesh()
   key = jax.random.key(0) if key is None else key
   batch_size = parallel.divisible_batch(batch_size, mesh)
@@ -91,7 +98,7 @@ def clean_predictions(defence: Defence, images: np.ndarray, labels: np.ndarray,
   for i, (x, y, m) in enumerate(data_lib.eval_batches(images, labels, batch_size)):
     xs, = parallel.put_batch(mesh, x)
     pred = np.asarray(predict(defence.variables, xs, classify_key(defence, key, i)))
-    out.append((pred == y)[m])
+    out.append((defended(defence, pred, y) if rejected_ok else pred == y)[m])
   return np.concatenate(out)
 
 
@@ -123,6 +130,8 @@ class AttackResult:
   correct_every_draw: int                  # examples correct in every draw
   distances: np.ndarray | None = None      # per example (first draw), minimal-norm attacks only
   detected_per_draw: list[int] | None = None  # a detector's rejections of the attacked inputs
+  ok_per_draw: list[np.ndarray] | None = None  # per draw, per example: defended
+  cascade: bool = False                    # attacked only the examples `alive` before it
 
   @property
   def draws(self) -> int:
@@ -188,31 +197,40 @@ def _crafting_key(spec, source: Defence, view, eot_samples, images, labels, batc
 def run_attack(spec: AttackSpec, target: Defence, images: np.ndarray, labels: np.ndarray,
                batch_size: int, key: jax.Array, source: Defence | None = None,
                view: str = 'auto', eot_samples: int = 10, eot_chunk: int = 10, draws: int = 1,
-               progress: bool = True) -> AttackResult:
+               progress: bool = True, alive: list[np.ndarray] | None = None) -> AttackResult:
   """Crafts adversarials on `source`'s view (default: `target`, white-box) and counts
-  `target`'s correct predictions, over `draws` draws when `target` is randomised."""
+  `target`'s correct predictions, over `draws` draws when `target` is randomised; with `alive`
+  (a mask per draw) only on the examples it marks (the others count as broken)."""
   reuse = source is not None and source is not target
   source = source or target
   view = spec.view or view
   eot_samples = spec.eot_samples or eot_samples
   settings = source.view_settings(view, eot_samples)
-  draws = draws if (target.randomised or source.randomised) else 1
+  draws = effective_draws(target, source, draws)
+  if alive is not None and (len(alive) != draws or spec.eps is None):
+    raise ValueError(f'{spec.key}: `alive` needs one mask per draw ({draws}) and an eps-bounded '
+                     'attack')
   mesh = parallel.make_mesh()
-  batch_size = parallel.divisible_batch(batch_size, mesh, len(labels))
+  full_batch = parallel.divisible_batch(batch_size, mesh, len(labels))
   attack_fn = make_attack_fn(spec, source, view, eot_samples, eot_chunk)
   predict = predict_fn(target)
-  per_draw, every, distances, detected = [], None, None, []
+  per_draw, every, distances, detected, ok_draws = [], None, None, [], []
   for r in range(draws):
     key_r = draw_key(key, r, draws)
+    idx = np.arange(len(labels)) if alive is None else np.flatnonzero(alive[r])
+    x_r, y_r = images[idx], labels[idx]
+    batch_size = full_batch if alive is None else survivor_batch(len(idx), full_batch, mesh)
     crafted = None
     if reuse:
       crafted = _crafted_batches(_crafting_key(spec, source, settings['view'],
-                                               settings['eot_samples'], images, labels,
+                                               settings['eot_samples'], x_r, y_r,
                                                batch_size, key_r))
-    ok_all, d_all, rejected = [], [], 0
-    batches = data_lib.eval_batches(images, labels, batch_size)
-    n_batches = math.ceil(len(labels) / batch_size)
+    ok_all, d_all, rejected = [np.zeros(0, bool)], [], 0
+    batches = data_lib.eval_batches(x_r, y_r, batch_size) if len(idx) else iter(())
+    n_batches = math.ceil(len(idx) / batch_size)
     desc = spec.key if draws == 1 else f'{spec.key} draw {r + 1}/{draws}'
+    if alive is not None:
+      desc += f' ({len(idx)} left)'
     for i, (x, y, mask) in enumerate(reporting.progress(batches, n_batches, desc, progress)):
       xs, ys = parallel.put_batch(mesh, x, y)
       if crafted is not None and i < len(crafted):
@@ -233,14 +251,29 @@ def run_attack(spec: AttackSpec, target: Defence, images: np.ndarray, labels: np
         # 0 for examples misclassified without attack, inf where the attack found nothing.
         d = np.where(~clean_ok, 0.0, np.where(ok, np.inf, d))
         d_all.append(d[mask])
-    ok_all = np.concatenate(ok_all)
+    ok_all_full = np.zeros(len(labels), bool)
+    ok_all_full[idx] = np.concatenate(ok_all)
+    ok_all = ok_all_full
+    ok_draws.append(ok_all)
     per_draw.append(int(ok_all.sum()))
     detected.append(rejected)
     every = ok_all if every is None else every & ok_all
     if d_all:
       distances = np.concatenate(d_all)
   return AttackResult(spec, settings['view'], settings['eot_samples'], per_draw, len(labels),
-                      int(every.sum()), distances, detected if target.rejects else None)
+                      int(every.sum()), distances, detected if target.rejects else None,
+                      ok_draws, alive is not None)
+
+
+def effective_draws(target: Defence, source: Defence | None, draws: int) -> int:
+  """How many draws an attack on `target` crafted on `source` runs: 1 if neither is random."""
+  return draws if target.randomised or (source is not None and source.randomised) else 1
+
+
+def survivor_batch(n: int, full_batch: int, mesh) -> int:
+  """The batch `n` surviving examples run in: the next power of two (a multiple of the device
+  count), at most the full batch."""
+  return min(full_batch, parallel.divisible_batch(1 << max(0, n - 1).bit_length(), mesh))
 
 
 def result_row(res: AttackResult, thresholds) -> dict[str, Any]:
@@ -250,6 +283,8 @@ def result_row(res: AttackResult, thresholds) -> dict[str, Any]:
          'restarts': spec.restarts, 'loss': spec.loss, 'view': res.view,
          'eot_samples': res.eot_samples, 'accuracy': res.accuracy, 'correct': res.correct,
          'seen': res.seen * res.draws, 'settings': jsonable(spec.kwargs)}
+  if res.cascade:  # counted over all examples; only the survivors of the rows above attacked
+    row['worst_case'] = True
   if res.draws > 1:
     row.update(draws=res.draws, accuracy_worst=res.accuracy_worst,
                correct_per_draw=res.correct_per_draw, correct_every_draw=res.correct_every_draw)

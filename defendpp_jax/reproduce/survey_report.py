@@ -23,7 +23,7 @@ def _pct(v) -> str:
 def _cell(mode: dict[str, Any] | None, eps: str) -> str:
   if mode is None or eps not in mode['per_eps']:
     return '-'
-  return _pct(mode['per_eps'][eps]['accuracy'])
+  return _pct(mode['per_eps'][eps]['accuracy']) + ('†' if mode.get('worst_case') else '')
 
 
 def _adaptive(entry: dict[str, Any], eps: str) -> dict[str, Any] | None:
@@ -89,6 +89,8 @@ def details(result: dict[str, Any], dataset: str) -> list[str]:
     lines.append(f'- **{entry["defence"]}**')
     for m in entry['modes']:
       draws = f', {m["draws"]} draws' if m['draws'] > 1 else ''
+      if m.get('worst_case'):
+        draws += ', worst-case cascade'
       lines.append(f'  - {m["mode"]} ({m["description"]}{draws}; `{m["eval_dir"]}`):')
       for e, pe in m['per_eps'].items():
         cells = []
@@ -108,7 +110,11 @@ def markdown(result: dict[str, Any]) -> str:
            'Accuracy in % at the two eps (tables\' / smaller); a mode\'s figure is the minimum '
            'over its attacks (PGD-100, APGD-CE, APGD-DLR, 100 steps each); randomised defences: '
            f'means over {result["randomised_draws"]} draws. gap = as published (and naive) minus '
-           'adaptive, at the first eps, in points.', '']
+           'adaptive, at the first eps, in points. † = the mode ran as a worst-case cascade '
+           '(config.eval.worst_case, AutoAttack-style): each attack only on the examples still '
+           'defended after the clean pass and the attacks before it, smaller eps first, so the '
+           'figure is the per-example worst case over the attacks (at most their minimum) and '
+           'every attack row of it is cumulative.', '']
   for dataset in result['datasets']:
     lines += board(result, dataset) + ['']
   for dataset in result['datasets']:

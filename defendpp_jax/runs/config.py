@@ -202,6 +202,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.eval.eot_samples = 10        # k of the EOT views
   config.eval.eot_chunk = 10          # EOT samples evaluated at once (vmapped); bounds memory
   config.eval.draws = 1               # R: independent draws of a randomised defence's randomness
+  # True: the eps-bounded attacks run as a cascade, AutoAttack's worst case (each only on the
+  # examples still defended after the ones before it, in increasing eps); every row is then the
+  # per-example worst case over it and the rows above it (marked worst_case in the report).
+  config.eval.worst_case = False
   config.eval.num_examples = 1000     # first N test images; 0 = the whole test split
   config.eval.classes = ()            # only test images of these classes (() = all)
   config.eval.eps = 0.0               # L-inf eps; 0 = per dataset (0.2 MNIST, 0.05 CIFAR-10)
