@@ -47,7 +47,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f'config.eval.apgd_loss={config.eval.apgd_loss!r} is not one of '
                      f'{attack_core.LOSSES}')
   tm = config.eval.threat_model
-  if tm in OBLIVIOUS and config.defense.name in registry.CLASSIFIER_RUNS:
+  if tm in OBLIVIOUS and config.defense.name in registry.CLASSIFIER_RUNS + registry.ENSEMBLE_RUNS:
     raise ValueError(f"config.eval.threat_model={tm!r} needs a pre-processing defence "
                      "(e.g. config.defense.name='comdefend' or 'hgd'): without one nothing is "
                      "hidden")

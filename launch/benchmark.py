@@ -12,7 +12,9 @@ time separately. With --json, one JSON object per line:
 --eot=1,10 (default) times PGD-10 with EOT over k draws of a randomised defence (the classifier
 behind Gaussian input noise) and prints EOT-k time / (k x EOT-1 time).
 --hgd times HGD's denoiser training step against the classifier's (`python -m launch.benchmark
---hgd --width=8 --input=28x28x1,32x32x3 --batch=32`).
+--hgd --width=8 --input=28x28x1,32x32x3 --batch=32`). --training_defences times the training
+step of each training-time defence against the plain classifier's (`python -m launch.benchmark
+--training_defences --width=8 --input=28x28x1 --batch=64`).
 --conv=xla,onednn measures the JAX model once per convolution backend (config.model.conv).
 --compare=torch also runs the identical CIFAR-style architecture in PyTorch eager (training step,
 forward, and torchattacks PGD when installed; see requirements-bench.txt). Time nothing else on
@@ -73,6 +75,10 @@ _DEFENCES = flags.DEFINE_bool('defences', False, 'Instead: the survey\'s defence
 _HGD = flags.DEFINE_bool('hgd', False, 'Instead: HGD\'s denoiser training step (DUNET at widths '
                          'w, 2w, 4w, 4w, 4w, losses pixel and lgd) next to the classifier\'s '
                          'training step, in one run (launch/benchmark_defences.py).')
+_TRAINING = flags.DEFINE_bool('training_defences', False, 'Instead: the training step of each '
+                              'training-time defence (distillation, parseval, cross_lipschitz, '
+                              'deep_defense, adp, adv_bnn) next to the plain classifier\'s, in '
+                              'one run (launch/benchmark_defences.py).')
 _OPS = flags.DEFINE_bool('ops', False, 'Also time every distinct convolution of the classifier '
                          'alone: forward, input gradient, weight gradient (where the time goes).')
 
@@ -353,6 +359,9 @@ def _main_defences() -> None:
       if _HGD.value:
         records = [r for conv in _CONV.value for r in benchmark_defences.bench_hgd(
             width, shape, _BATCH.value, _REPEATS.value, conv)]
+      elif _TRAINING.value:
+        records = [r for conv in _CONV.value for r in benchmark_defences.bench_training_defences(
+            width, shape, _BATCH.value, _REPEATS.value, conv)]
       else:
         records = benchmark_defences.bench_defences(
             width, shape, _BATCH.value, tuple(int(k) for k in _EOT.value if k), _REPEATS.value)
@@ -372,7 +381,7 @@ def _main_defences() -> None:
 
 def main(argv):
   del argv
-  if _DEFENCES.value or _HGD.value:
+  if _DEFENCES.value or _HGD.value or _TRAINING.value:
     _main_defences()
     return
   steps = [int(s) for s in _STEPS.value]

@@ -188,6 +188,54 @@ def bench_hgd(width: int, shape, batch: int, repeats: int, conv: str = 'auto',
   return out
 
 
+def bench_training_defences(width: int, shape, batch: int, repeats: int, conv: str = 'auto',
+                            names: tuple[str, ...] = ('distillation', 'parseval',
+                                                      'cross_lipschitz', 'deep_defense', 'adp',
+                                                      'adv_bnn')) -> list[dict]:
+  """The training step of each training-time defence's recipe (a width-w ResNet-18; Adv-BNN
+  with PGD-5 crafting, as configured for the board) and the plain classifier's, in one run.
+  Records {"work": "train_step" | "defence_train_step", "defence", "conv", ...}."""
+  import functools  # pylint: disable=g-import-not-at-top
+  import types  # pylint: disable=g-import-not-at-top
+  from defendpp_jax import nn as dnn  # pylint: disable=g-import-not-at-top
+  from defendpp_jax import parallel  # pylint: disable=g-import-not-at-top
+  from defendpp_jax import training  # pylint: disable=g-import-not-at-top
+  from defendpp_jax.runs import config as config_lib  # pylint: disable=g-import-not-at-top
+  from defendpp_jax.training import recipes  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  x = rng.uniform(size=(batch, *shape)).astype(np.float32)
+  y = rng.integers(0, 10, batch).astype(np.int32)
+  ds = types.SimpleNamespace(num_classes=10, image_shape=shape, mean=(0.5,), std=(0.5,),
+                             train_labels=y)
+  mesh = parallel.make_mesh()
+  base = {'arch': 'resnet18', 'width': width, 'input': 'x'.join(map(str, shape)),
+          'batch': batch, 'framework': 'jax', 'conv': dnn.resolve_conv_backend(conv)}
+  out = []
+  for name in ('none',) + tuple(names):
+    config = config_lib.get_base_config()
+    config.model.update(arch='resnet18', width=width, decoder='none', conv=conv)
+    config.train.update(learning_rate=0.01, lr_decay_epochs=(), num_epochs=1, adv_steps=5)
+    config.defense.name = name
+    if name == 'adv_bnn':
+      config.train.adversarial = 'pgd'
+    recipe = recipes.make_recipe(config, ds, 1)
+    labels = y
+    if name == 'distillation':  # the student's soft labels
+      labels = np.asarray(jax.nn.softmax(rng.normal(size=(batch, 10))), np.float32)
+    step = training.jit_train_step(functools.partial(recipes.train_step, recipe=recipe), mesh)
+    holder = [jax.jit(recipe.init, out_shardings=parallel.replicated(mesh))(jax.random.key(0))]
+    xs, ys = parallel.shard_batch(mesh, x, labels)
+    weights = jnp.ones(len(recipe.term_names))
+
+    def once(step=step, holder=holder, xs=xs, ys=ys, weights=weights):
+      holder[0], m = step(holder[0], xs, ys, weights, jax.random.key(1), None)  # donated
+      return m['loss']
+    c, t = _time(once, repeats)
+    work = 'train_step' if name == 'none' else 'defence_train_step'
+    out.append({**base, 'work': work, 'defence': name, 'img_per_s': batch / t, 'compile_s': c})
+  return out
+
+
 def ratios(records: list[dict]) -> list[str]:
   """The one-run ratios: each defence's forward vs the classifier's, TV vs scikit-image,
   kNN vs the matmul ceiling, EOT-k vs k x EOT-1 per randomised defence."""
@@ -203,6 +251,10 @@ def ratios(records: list[dict]) -> list[str]:
   out += [f'HGD denoiser training step ({r["loss"]}): {r["img_per_s"]:.0f} img/s = '
           f'{r["img_per_s"] / cls_step[0]:.2f} x the classifier\'s training step'
           for r in records if r['work'] == 'hgd_train_step' and cls_step]
+  cls_step = [r['img_per_s'] for r in records if r['work'] == 'train_step']
+  out += [f'{r["defence"]} training step: {r["img_per_s"]:.0f} img/s = '
+          f'{r["img_per_s"] / cls_step[0]:.3f} x the plain training step'
+          for r in records if r['work'] == 'defence_train_step' and cls_step]
   eot = {}
   for r in records:
     if r['work'] == 'defence_eot_pgd':

@@ -64,3 +64,15 @@ def test_hgd_benchmark_times_the_denoiser_step_next_to_the_classifier_step():
   assert all(r['img_per_s'] > 0 for r in records)
   lines = benchmark_defences.ratios(records)
   assert any('HGD denoiser training step (lgd)' in line for line in lines)
+
+
+def test_training_defences_benchmark_times_each_recipe_next_to_the_plain_step():
+  from launch import benchmark_defences
+  names = ('parseval', 'cross_lipschitz')
+  records = benchmark_defences.bench_training_defences(2, (28, 28, 1), 4, 1, names=names)
+  assert [(r['work'], r['defence']) for r in records] == [
+      ('train_step', 'none'), ('defence_train_step', 'parseval'),
+      ('defence_train_step', 'cross_lipschitz')]
+  assert all(r['img_per_s'] > 0 for r in records)
+  text = benchmark_defences.ratios(records)
+  assert any(t.startswith('cross_lipschitz training step') for t in text)

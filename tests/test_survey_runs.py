@@ -142,3 +142,32 @@ def test_survey_board_writes_results_and_resumes(tmp_path):
 def survey_marker_count(doc: str) -> int:
   from defendpp_jax.reproduce import survey_report
   return doc.count(survey_report.START) + doc.count(survey_report.END)
+
+
+def test_training_time_defences_join_the_board_with_their_own_attacks(tmp_path):
+  for d in survey.TRAINING_TIME:
+    modes = survey.modes(d)
+    assert [m.name for m in modes][0] == 'published' and d.trains
+    for mode in modes:
+      c = survey.eval_config(d, mode, 'mnist', 'cpu', str(tmp_path), '', 0)
+      validate.validate_config(c)
+      assert c.defense.name == d.name and c.eval.num_examples == 100
+      attacks = ' '.join(c.eval.attacks)
+      if mode.name == 'published':
+        assert 'fgsm(eps=0.2' in attacks and 'apgd' not in attacks
+      else:
+        assert 'loss=margin' in attacks and 'apgd_dlr' in attacks and 'cw_l2' in attacks
+    t = survey._train_config(d, 'mnist', 'cpu', str(tmp_path), '', 0)  # pylint: disable=protected-access
+    assert t.defense.name == d.name
+    assert bool(t.train.init_from) == (d.name == 'deep_defense')
+    if d.name == 'adv_bnn':
+      assert t.train.adversarial == 'pgd' and c.eval.view == 'eot'
+  data_dirs = {'mnist': os.path.join(SHARED_DATA, 'mnist')}
+  result = survey.run_survey('transforms', workdir=str(tmp_path / 'w'), budget='smoke',
+                             data_dirs=data_dirs, results_dir=str(tmp_path / 'results'),
+                             datasets=('mnist',), defences=('parseval',))
+  entry, = result['datasets']['mnist']['defences']
+  assert [m['mode'] for m in entry['modes']] == ['published', 'strong']
+  assert entry['modes'][0]['model'].endswith('-parseval-b0.0003')
+  assert set(entry['modes'][1]['per_eps']['0.2']['attacks']) == {'pgd100x2_eps0.2',
+                                                                 'pgd100_margin_eps0.2'}

@@ -22,9 +22,13 @@ from defendpp_jax.nn import defendpp
 
 
 def module_of(config: ml_collections.ConfigDict, ds: data_lib.Dataset) -> defendpp.DefendPP:
-  """The `DefendPP` (classifier + optional auto-encoder) that `config` trains on `ds`."""
-  return defendpp.build_model(config.model, ds.num_classes, ds.image_shape, ds.mean, ds.std,
-                              noise_std=config.train.noise_std)
+  """The `DefendPP` (classifier + optional auto-encoder) that `config` trains on `ds`: convex
+  residual aggregation for Parseval networks, Bayesian layers for Adv-BNN."""
+  name = config.defense.name
+  return defendpp.build_model(
+      config.model, ds.num_classes, ds.image_shape, ds.mean, ds.std,
+      noise_std=config.train.noise_std, residual='convex' if name == 'parseval' else 'sum',
+      bayes_prior=config.defense.adv_bnn.prior_sigma if name == 'adv_bnn' else 0.0)
 
 
 def classifier_defence(module: defendpp.DefendPP, variables: Any, name: str) -> base.Defence:

@@ -13,6 +13,7 @@ from that run's saved config).
 
 from __future__ import annotations
 
+import os
 from typing import Any, Callable
 
 import jax
@@ -30,18 +31,17 @@ from defendpp_jax.defences import randomized
 from defendpp_jax.defences import squeezing
 from defendpp_jax.defences import tv_min
 from defendpp_jax.nn import denoisers
+from defendpp_jax.nn import ensemble as ensemble_lib
 from defendpp_jax.runs import saved
 
 Builder = Callable[[ml_collections.ConfigDict, str, data_lib.Dataset, Any], base.Defence]
 
 
 def _classifier_run(config, workdir, ds, trained) -> base.Defence:
-  """The run's own classifier: plain, Defend++ (decoder dropped), adversarially trained."""
-  if trained is None:
-    saved.check_same_classifier(config, workdir, '--workdir')
-    trained, _ = saved.restore_variables(workdir)
-  return classifier.classifier_defence(classifier.module_of(config, ds), trained,
-                                       run_name(config))
+  """The run's own classifier: plain, Defend++ (decoder dropped), adversarially trained, or
+  trained by a training-time defence that deploys it as it is."""
+  return classifier.classifier_defence(classifier.module_of(config, ds),
+                                       _trained(config, workdir, trained), run_name(config))
 
 
 def _protected_run(config) -> tuple[str, ml_collections.ConfigDict]:
@@ -129,9 +129,7 @@ def _sap(config, workdir, ds, trained) -> base.Defence:
 
 
 def _rse(config, workdir, ds, trained) -> base.Defence:
-  if trained is None:
-    saved.check_same_classifier(config, workdir, '--workdir')
-    trained, _ = saved.restore_variables(workdir)
+  trained = _trained(config, workdir, trained)
   rc = config.defense.rse
   return noisy_layers.rse(classifier.module_of(config, ds), trained, run_name(config),
                           rc.input_std, rc.inner_std, rc.passes)
@@ -159,6 +157,52 @@ def _hgd(config, workdir, ds, trained) -> base.Defence:
                          protected_classifier(config, ds), run_name(config))
 
 
+def _trained(config, workdir, trained):
+  """`trained`, or the latest checkpoint of `workdir` (checked to be this config's model)."""
+  if trained is None:
+    saved.check_same_classifier(config, workdir, '--workdir')
+    _check_same_model(config, workdir)
+    trained, _ = saved.restore_variables(workdir)
+  return trained
+
+
+# Training-time defences whose deployed network differs from the plain classifier's (convex
+# residuals, Bayesian layers, an ensemble): their weights are never loaded as another's.
+_OWN_NETWORK = ('parseval', 'adv_bnn', 'adp')
+
+
+def _check_same_model(config, workdir) -> None:
+  if not os.path.isfile(os.path.join(workdir, saved.SUMMARY)):
+    return
+  theirs, mine = saved.config_of_run(workdir).defense.name, config.defense.name
+  if theirs != mine and (theirs in _OWN_NETWORK or mine in _OWN_NETWORK):
+    raise ValueError(f'--workdir={workdir!r} was trained with config.defense.name={theirs!r}, '
+                     f'the config given has {mine!r}: the networks differ (pass '
+                     f'--config.defense.name={theirs})')
+
+
+def _adp(config, workdir, ds, trained) -> base.Defence:
+  """ADP's averaged ensemble (log of the members' mean softmax), attacked as a whole."""
+  model = ensemble_lib.Ensemble(classifier.module_of(config, ds), config.defense.adp.members)
+  apply = lambda v, x, key, bpda: model.apply(v, x, method='classify')
+  return base.Defence(run_name(config), apply, _trained(config, workdir, trained))
+
+
+def _adv_bnn(config, workdir, ds, trained) -> base.Defence:
+  """Adv-BNN: the softmax averaged over `passes` draws of the Bayesian weights."""
+  module = classifier.module_of(config, ds)
+
+  def one_draw(v, x, key, bpda):
+    del bpda
+    if key is None:
+      raise ValueError('adv_bnn is randomised: its logits need a key')
+    return module.apply(v, x, method='classify', rngs={'noise': key})
+
+  one = base.Defence(run_name(config), one_draw, _trained(config, workdir, trained),
+                     randomised=True)
+  return base.averaged(one, config.defense.adv_bnn.passes, run_name(config))
+
+
 def _gaussian_noise(config, workdir, ds, trained) -> base.Defence:
   del workdir, trained  # nothing is trained
   return base.preprocess(randomized.gaussian_noise(config.defense.gaussian_noise.std),
@@ -180,14 +224,29 @@ DEFENCES: dict[str, Builder] = {
     'sap': _sap,
     'rse': _rse,
     'hgd': _hgd,
+    # training-time defences (training/training_defences.py)
+    'distillation': _classifier_run,
+    'parseval': _classifier_run,
+    'cross_lipschitz': _classifier_run,
+    'deep_defense': _classifier_run,
+    'adp': _adp,
+    'adv_bnn': _adv_bnn,
 }
 NAMES = tuple(DEFENCES)
-# Runs that train their own classifier (the others train a pre-processor or nothing).
-CLASSIFIER_RUNS = ('none', 'rse')
+# The training-time defences: each trains its own classifier (ADP: an ensemble of them).
+TRAINING_TIME = ('distillation', 'parseval', 'cross_lipschitz', 'deep_defense', 'adp',
+                 'adv_bnn')
+# Runs that train one classifier (params['classifier']; the others train a pre-processor, an
+# ensemble or nothing).
+CLASSIFIER_RUNS = ('none', 'rse', 'distillation', 'parseval', 'cross_lipschitz',
+                   'deep_defense', 'adv_bnn')
+# Runs that train several classifiers together (params['member0'], ...).
+ENSEMBLE_RUNS = ('adp',)
 # Runs that train a pre-processor in front of a classifier run.
 TRAINED_PREPROCESSORS = ('comdefend', 'hgd')
 # Defences whose run trains nothing (deployed straight in front of their classifier).
-UNTRAINED = tuple(n for n in NAMES if n not in CLASSIFIER_RUNS + TRAINED_PREPROCESSORS)
+UNTRAINED = tuple(n for n in NAMES
+                  if n not in CLASSIFIER_RUNS + ENSEMBLE_RUNS + TRAINED_PREPROCESSORS)
 
 
 def build(config: ml_collections.ConfigDict, workdir: str, ds: data_lib.Dataset,
@@ -218,11 +277,17 @@ def run_name(config: ml_collections.ConfigDict) -> str:
                            (f'-x{d.hgd.residual_scale:g}' if d.hgd.residual_scale != 1 else ''))}
   if name in names:
     return names[name]()
-  if name not in ('none', 'rse'):
+  if name not in CLASSIFIER_RUNS + ENSEMBLE_RUNS:
     return name
   label = f'{config.model.arch}-w{config.model.width}-{config.model.decoder}'
   if config.train.adversarial != 'none':
     label += f'-adv{config.train.adversarial}'
-  if name == 'rse':
-    label += f'-rse-x{d.rse.passes}'
-  return label
+  suffix = {'rse': lambda: f'-rse-x{d.rse.passes}',
+            'distillation': lambda: f'-distilled-T{d.distillation.temperature:g}' + (
+                '-teacher' if d.distillation.role == 'teacher' else ''),
+            'parseval': lambda: f'-parseval-b{d.parseval.beta:g}',
+            'cross_lipschitz': lambda: f'-cross_lipschitz-{d.cross_lipschitz.weight:g}',
+            'deep_defense': lambda: f'-deep_defense-{d.deep_defense.weight:g}',
+            'adp': lambda: f'-adp-x{d.adp.members}',
+            'adv_bnn': lambda: f'-bnn-x{d.adv_bnn.passes}'}
+  return label + suffix.get(name, lambda: '')()

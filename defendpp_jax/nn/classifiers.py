@@ -36,6 +36,14 @@ STEMS = ('auto', 'cifar', 'imagenet')
 PADDINGS = ('torch', 'same')
 # The padding of a config saved before `model.padding` existed: every such run used 'SAME'.
 PADDING_BEFORE_FIELD = 'same'
+# How a residual block aggregates its shortcut x and its branch F(x): 'sum' x + F(x) (ResNet);
+# 'convex' (x + F(x)) / 2 (Parseval networks: a convex combination keeps the block's Lipschitz
+# constant at most that of its parts).
+RESIDUALS = ('sum', 'convex')
+
+
+def aggregate(x: jax.Array, y: jax.Array, residual: str) -> jax.Array:
+  return x + y if residual == 'sum' else 0.5 * (x + y)
 
 Features = list[tuple[str, jax.Array]]
 
@@ -68,6 +76,7 @@ class BasicBlock(nn.Module):
   strides: int = 1
   padding: str = 'torch'  # PADDINGS
   conv: ModuleDef = Conv
+  residual: str = 'sum'   # RESIDUALS
 
   @nn.compact
   def __call__(self, x, train: bool):
@@ -77,7 +86,7 @@ class BasicBlock(nn.Module):
     if x.shape[-1] != self.features or self.strides != 1:
       x = bn(train, name='proj_bn')(
           make_conv(c, self.features, 1, self.strides, name='proj', padding=pad)(x))
-    return relu(x + y)
+    return relu(aggregate(x, y, self.residual))
 
 
 class Bottleneck(nn.Module):
@@ -86,6 +95,7 @@ class Bottleneck(nn.Module):
   expansion: int = 4
   padding: str = 'torch'  # PADDINGS
   conv: ModuleDef = Conv
+  residual: str = 'sum'   # RESIDUALS
 
   @nn.compact
   def __call__(self, x, train: bool):
@@ -96,7 +106,7 @@ class Bottleneck(nn.Module):
     if x.shape[-1] != out or self.strides != 1:
       x = bn(train, name='proj_bn')(
           make_conv(c, out, 1, self.strides, name='proj', padding=pad)(x))
-    return relu(x + y)
+    return relu(aggregate(x, y, self.residual))
 
 
 class ResNetStage(nn.Module):
@@ -109,6 +119,7 @@ class ResNetStage(nn.Module):
   stem_features: int = 64
   padding: str = 'torch'  # PADDINGS
   conv: ModuleDef = Conv
+  residual: str = 'sum'   # RESIDUALS
 
   @nn.compact
   def __call__(self, x, train: bool):
@@ -124,7 +135,7 @@ class ResNetStage(nn.Module):
     cls = BasicBlock if self.block == 'basic' else Bottleneck
     for i in range(self.num_blocks):
       x = cls(self.features, self.strides if i == 0 else 1, padding=pad, conv=c,
-              name=f'block{i}')(x, train)
+              residual=self.residual, name=f'block{i}')(x, train)
     return x, [('out', x)]
 
 
@@ -147,9 +158,11 @@ class VGGStage(nn.Module):
 
 
 def encoder_blocks(arch: str, width: int, image_size: int, stem: str = 'auto',
-                   padding: str = 'torch', conv: ModuleDef = Conv
+                   padding: str = 'torch', conv: ModuleDef = Conv, residual: str = 'sum'
                    ) -> list[Callable[..., nn.Module]]:
   """Constructors (call with name=...) of the encoding blocks E_0 .. E_{B-1} of `arch`."""
+  if residual not in RESIDUALS:
+    raise ValueError(f'residual={residual!r} is not one of {RESIDUALS}')
   if arch not in ARCHS:
     raise ValueError(f'config.model.arch={arch!r} is not one of {ARCHS}')
   if padding not in PADDINGS:
@@ -168,7 +181,7 @@ def encoder_blocks(arch: str, width: int, image_size: int, stem: str = 'auto',
   block = 'bottleneck' if arch == 'resnet50' else 'basic'
   return [
       functools.partial(ResNetStage, n, width * 2**k, 1 if k == 0 else 2, block,
-                        stem if k == 0 else None, width, padding, conv)
+                        stem if k == 0 else None, width, padding, conv, residual)
       for k, n in enumerate(sizes)
   ]
 
@@ -187,16 +200,18 @@ class Classifier(nn.Module):
   std: Sequence[float] = (0.5,)
   padding: str = 'torch'  # PADDINGS
   conv: ModuleDef = Conv
+  residual: str = 'sum'   # RESIDUALS
+  dense: ModuleDef = nn.Dense  # the head's layer (a Bayesian one for Adv-BNN)
 
   @nn.compact
   def __call__(self, x, train: bool = False, return_features: bool = False):
     blocks = encoder_blocks(self.arch, self.width, self.image_size, self.stem, self.padding,
-                            self.conv)
+                            self.conv, self.residual)
     h = (x - jnp.asarray(self.mean, x.dtype)) / jnp.asarray(self.std, x.dtype)
     features: list[Features] = []
     for k, ctor in enumerate(blocks):
       h, taps = ctor(name=f'E{k}')(h, train)
       features.append(taps)
-    logits = nn.Dense(self.num_classes, kernel_init=torch_init, name='head')(
+    logits = self.dense(self.num_classes, kernel_init=torch_init, name='head')(
         jnp.mean(h, axis=(1, 2)))
     return (logits, features) if return_features else logits

@@ -22,6 +22,7 @@ import flax.linen as nn
 import jax
 
 from defendpp_jax import frequency
+from defendpp_jax.nn import bayes
 from defendpp_jax.nn.classifiers import Classifier
 from defendpp_jax.nn.classifiers import PADDING_BEFORE_FIELD
 from defendpp_jax.nn.classifiers import encoder_blocks
@@ -52,18 +53,25 @@ class DefendPP(nn.Module):
   std: Sequence[float] = (0.5,)
   conv: str = 'auto'  # nn.conv.CONV_BACKENDS: which kernels run the convolutions
   padding: str = 'torch'  # classifiers.PADDINGS: of the strided convolutions
+  residual: str = 'sum'   # classifiers.RESIDUALS ('convex': Parseval networks)
+  bayes_prior: float = 0.0  # > 0: Bayes-by-backprop layers with this prior std (Adv-BNN)
 
   def setup(self):
     h, w, _ = self.image_shape
-    conv = conv_module(self.conv)
-    self.blocks = encoder_blocks(self.arch, self.width, min(h, w), self.stem, self.padding, conv)
+    conv, dense = conv_module(self.conv), nn.Dense
+    if self.bayes_prior > 0:
+      conv = bayes.bayes_conv_module(prior_sigma=self.bayes_prior, backend=self.conv)
+      dense = functools.partial(bayes.BayesDense, prior_sigma=self.bayes_prior)
+    self.blocks = encoder_blocks(self.arch, self.width, min(h, w), self.stem, self.padding, conv,
+                                 self.residual)
     if self.decoder not in DECODERS:
       raise ValueError(f'config.model.decoder={self.decoder!r} is not one of {DECODERS}')
     if not 1 <= self.shared_blocks <= len(self.blocks):
       raise ValueError(f'config.model.shared_blocks={self.shared_blocks} must be in '
                        f'[1, {len(self.blocks)}] for {self.arch}')
     self.classifier = Classifier(self.arch, self.num_classes, self.width, min(h, w), self.stem,
-                                 tuple(self.mean), tuple(self.std), self.padding, conv)
+                                 tuple(self.mean), tuple(self.std), self.padding, conv,
+                                 self.residual, dense)
     if self.decoder == 'none':
       return
     for k in range(self.shared_blocks, len(self.blocks)):
@@ -110,7 +118,8 @@ class DefendPP(nn.Module):
 
 def build_model(model_config: Any, num_classes: int, image_shape: Sequence[int],
                 mean: Sequence[float] = (0.5,), std: Sequence[float] = (0.5,),
-                noise_std: float = 0.0) -> DefendPP:
+                noise_std: float = 0.0, residual: str = 'sum',
+                bayes_prior: float = 0.0) -> DefendPP:
   """Builds a `DefendPP` from `config.model` (fields arch, width, shared_blocks, decoder...)."""
   return DefendPP(
       arch=model_config.arch, num_classes=num_classes, image_shape=tuple(image_shape),
@@ -118,7 +127,8 @@ def build_model(model_config: Any, num_classes: int, image_shape: Sequence[int],
       decoder=model_config.decoder, num_levels=model_config.get('num_levels', 0),
       noise_std=noise_std, stem=model_config.get('stem', 'auto'), mean=tuple(mean), std=tuple(std),
       conv=model_config.get('conv', CONV_BEFORE_FIELD),
-      padding=model_config.get('padding', PADDING_BEFORE_FIELD))
+      padding=model_config.get('padding', PADDING_BEFORE_FIELD), residual=residual,
+      bayes_prior=bayes_prior)
 
 
 def classify_apply(model: DefendPP) -> Callable[[Any, jax.Array], jax.Array]:

@@ -58,10 +58,12 @@ ANCHOR_GUO = ('obfuscated-gradients Table 1, Guo et al. (2018): 0% (ImageNet, L2
 
 @dataclasses.dataclass(frozen=True)
 class Mode:
-  """One attacker's view of a defence: a name, its config overrides, what it stands for."""
+  """One attacker's view of a defence: a name, its config overrides, what it stands for, and
+  its attack entries (dataset -> entries; None: the board's PGD-100, APGD-CE, APGD-DLR)."""
   name: str
   overrides: dict[str, Any]
   description: str
+  attacks: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +77,8 @@ class SurveyDefence:
   trains: bool = False           # trains its own classifier (RSE)
   naive: bool = True             # also the exact view, one draw (if not already published)
   overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
+  # Config overrides of its training run (and of its evaluations, which build the same model).
+  train_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 OBLIVIOUS = Mode('published', {'eval.view': 'oblivious'},
@@ -120,7 +124,62 @@ DEFENCES = (
              'EOT over 2 draws of the 10-pass prediction (20 noise draws)'),),
         'not in Table 1', randomised=True, trains=True, naive=False),
 )
+
+
+def published_attacks(dataset: str) -> tuple[str, ...]:
+  """How the training-time defences' authors attacked them: FGSM and PGD on the CE loss."""
+  out = []
+  for eps in (protocol.linf_eps(dataset, 0.0), SMALL_EPS[dataset]):
+    e = f'{eps:.6g}'
+    out += [f'fgsm(eps={e}, label=fgsm_eps{e})', f'pgd(eps={e}, steps=100, label=pgd100_eps{e})']
+  return tuple(out)
+
+
+def strong_attacks(dataset: str) -> tuple[str, ...]:
+  """The strong set: PGD-100 x 2 restarts (CE) and on the logit margin, APGD-CE, APGD-DLR at
+  both eps; C&W-L2 and DDN (minimal-norm)."""
+  out = []
+  for eps in (protocol.linf_eps(dataset, 0.0), SMALL_EPS[dataset]):
+    e = f'{eps:.6g}'
+    out += [f'pgd(eps={e}, steps=100, restarts=2, label=pgd100x2_eps{e})',
+            f'pgd(eps={e}, steps=100, loss=margin, label=pgd100_margin_eps{e})',
+            f'apgd(eps={e}, steps=100, loss=ce, label=apgd_ce_eps{e})',
+            f'apgd_dlr(eps={e}, steps=100, label=apgd_dlr_eps{e})']
+  return tuple(out) + ('cw_l2', 'ddn')
+
+
+AS_PUBLISHED = Mode('published', {'eval.view': 'exact'},
+                    'as its authors attacked it: FGSM and PGD-100 on the CE loss', published_attacks)
+STRONG = Mode('strong', {'eval.view': 'exact'},
+              'the strong set: PGD-100 x 2 restarts, margin-loss PGD-100, APGD-CE, APGD-DLR, '
+              'C&W-L2, DDN', strong_attacks)
+_NOT_IN_TABLE1 = 'not in obfuscated-gradients Table 1'
+TRAINING_TIME = (
+    SurveyDefence('distillation', 'training (distillation)', AS_PUBLISHED, (STRONG,),
+                  'Carlini & Wagner (2017): C&W on the logits succeeds on 100% of distilled '
+                  'MNIST / CIFAR-10 nets', trains=True, naive=False),
+    SurveyDefence('parseval', 'training (Lipschitz constraint)', AS_PUBLISHED, (STRONG,),
+                  _NOT_IN_TABLE1, trains=True, naive=False),
+    SurveyDefence('cross_lipschitz', 'training (regulariser)', AS_PUBLISHED, (STRONG,),
+                  _NOT_IN_TABLE1, trains=True, naive=False),
+    SurveyDefence('deep_defense', 'training (regulariser)', AS_PUBLISHED, (STRONG,),
+                  _NOT_IN_TABLE1, trains=True, naive=False),
+    SurveyDefence('adp', 'ensemble (diversity)', AS_PUBLISHED, (STRONG,),
+                  'Tramer et al. (2020) break it with PGD on the averaged ensemble',
+                  trains=True, naive=False),
+    # The averaged 10-pass prediction: EOT over 2 draws of it (20 weight draws), as RSE.
+    SurveyDefence('adv_bnn', 'randomisation (Bayesian, adversarially trained)',
+                  dataclasses.replace(AS_PUBLISHED, description=AS_PUBLISHED.description +
+                                      ', one weight draw per step'), (
+        Mode('strong_eot', {'eval.view': 'eot', 'eval.eot_samples': 2},
+             STRONG.description + '; EOT over 2 draws of the 10-pass prediction',
+             strong_attacks),), _NOT_IN_TABLE1, randomised=True, trains=True, naive=False,
+                  train_overrides={'train.adversarial': 'pgd'}),
+)
+DEFENCES = DEFENCES + TRAINING_TIME
 BY_NAME = {d.name: d for d in DEFENCES}
+# Deep Defense fine-tunes the board's trained plain classifier (as its authors fine-tune).
+FINE_TUNED = ('deep_defense',)
 
 
 def attack_entries(dataset: str) -> tuple[str, ...]:
@@ -151,8 +210,8 @@ def eval_config(d: SurveyDefence, mode: Mode, dataset: str, budget: str, workdir
   if d.trains:
     config.model.conv = 'auto'
   runner._override(config, SMOKE_EVAL if budget == 'smoke' else SURVEY_EVAL)  # pylint: disable=protected-access
-  runner._override(config, {**d.overrides, **mode.overrides})  # pylint: disable=protected-access
-  config.eval.attacks = attack_entries(dataset)
+  runner._override(config, {**d.train_overrides, **d.overrides, **mode.overrides})  # pylint: disable=protected-access
+  config.eval.attacks = (mode.attacks or attack_entries)(dataset)
   if budget == 'smoke':  # PGD-3 alone at both eps
     config.eval.attacks = tuple(a.replace('steps=100', 'steps=3') for a in config.eval.attacks
                                 if a.startswith('pgd'))
@@ -167,6 +226,9 @@ def _train_config(d: SurveyDefence, dataset, budget, workdir, data_dir, seed):
   if d.trains:
     config.defense.name = d.name
     config.model.conv = 'auto'  # a new model: the faster kernels
+    runner._override(config, d.train_overrides)  # pylint: disable=protected-access
+  if d.name in FINE_TUNED:
+    config.train.init_from = runner.model_dir(workdir, dataset, budget, 'plain')
   return config
 
 
@@ -174,7 +236,12 @@ def _summary(d: SurveyDefence, mode: Mode, report: dict[str, Any], eval_dir: str
              dataset: str) -> dict[str, Any]:
   """One mode's row: accuracy per eps = the minimum over its attacks, with every attack."""
   by_eps: dict[str, dict[str, Any]] = {}
+  minimal_norm = {}
   for r in report['rows']:
+    if r['eps'] is None:  # C&W, DDN: their median L2 and accuracy at the L2 thresholds
+      minimal_norm[r['attack']] = {k: r.get(k) for k in ('median_l2', 'accuracy_at', 'view',
+                                                        'eot_samples')}
+      continue
     by_eps.setdefault(f'{r["eps"]:.6g}', {})[r['attack']] = r
   per_eps = {}
   for e, rows in by_eps.items():
@@ -194,7 +261,8 @@ def _summary(d: SurveyDefence, mode: Mode, report: dict[str, Any], eval_dir: str
           'clean_accuracy_worst': report.get('clean_accuracy_worst'),
           'num_examples': report['num_examples'], 'draws': report.get('draws', 1),
           'worst_case': any(r.get('worst_case') for r in report['rows']),
-          'per_eps': per_eps, 'sanity_checks_passed': report['sanity_checks_passed'],
+          'per_eps': per_eps, 'minimal_norm': minimal_norm,
+          'sanity_checks_passed': report['sanity_checks_passed'],
           'failed_checks': [c['name'] for c in report['sanity_checks'] if not c['passed']],
           'detector': report.get('detector'), 'defence_info': report.get('defence_info')}
 

@@ -101,6 +101,11 @@ def details(result: dict[str, Any], dataset: str) -> list[str]:
           cells.append(f'{k} {_pct(a["accuracy"])} ({a["correct"]}/{a["seen"]}, '
                        f'{a["view"]}{extra})')
         lines.append(f'    - eps {e}: ' + '; '.join(cells))
+      for k, a in m.get('minimal_norm', {}).items():
+        at = ', '.join(f'{_pct(v)}% @ {t}' for t, v in (a.get('accuracy_at') or {}).items())
+        med = '-' if a.get('median_l2') is None else f'{a["median_l2"]:.3f}'
+        lines.append(f'    - {k} (minimal-norm, {a["view"]}): median L2 {med}; accuracy at '
+                     f'L2 <= t: {at}')
   return lines + ['']
 
 
@@ -108,7 +113,10 @@ def markdown(result: dict[str, Any]) -> str:
   lines = [f'## The survey\'s defences, as published and adaptively (budget '
            f'`{result["budget"]}`, seed {result["seed"]})', '',
            'Accuracy in % at the two eps (tables\' / smaller); a mode\'s figure is the minimum '
-           'over its attacks (PGD-100, APGD-CE, APGD-DLR, 100 steps each); randomised defences: '
+           'over its eps-bounded attacks (input transformations: PGD-100, APGD-CE, APGD-DLR, '
+           '100 steps each; training-time defences: as published FGSM and PGD-100, strong '
+           'PGD-100 x 2 restarts, margin-loss PGD-100, APGD-CE, APGD-DLR, with C&W-L2 and DDN '
+           'in the details); randomised defences: '
            f'means over {result["randomised_draws"]} draws. gap = as published (and naive) minus '
            'adaptive, at the first eps, in points. † = the mode ran as a worst-case cascade '
            '(config.eval.worst_case, AutoAttack-style): each attack only on the examples still '

@@ -19,6 +19,8 @@ from typing import Any
 
 import ml_collections
 
+from defendpp_jax.runs import defence_fields
+
 
 def get_base_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
@@ -84,110 +86,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.train.precise_bn_batches = 40
   config.train.max_to_keep = 3
 
-  # The deployed defence (defendpp_jax.defences.registry): 'none' = the run's own classifier
-  # (plain, Defend++, adversarially trained); a pre-processing defence sits in front of the
-  # classifier trained in `classifier_workdir`. Each defence's own fields live under
-  # config.defense.<name>.
-  config.defense = ml_collections.ConfigDict()
-  # none | comdefend | gaussian_noise | jpeg | bit_depth | median | feature_squeezing | tv_min
-  # | quilting | resize_pad | sap | rse | hgd (docs/DEFENCES.md, docs/HGD.md). rse trains its
-  # own classifier; comdefend and hgd train a pre-processor; the others need no training.
-  config.defense.name = 'none'
-  config.defense.classifier_workdir = ''
-  # ComDefend (Jia et al. 2019): the run trains the reformer alone on clean images (Adam, as its
-  # authors) and deploys it in front of the classifier.
-  config.defense.comdefend = ml_collections.ConfigDict()
-  config.defense.comdefend.width = 16           # channels x width/16; 16 = published
-  config.defense.comdefend.code_channels = 12
-  config.defense.comdefend.noise_std = 20.0     # Gaussian noise on the code in training
-  config.defense.comdefend.code_weight = 1e-4   # loss = MSE + code_weight * mean(code^2)
-  config.defense.comdefend.learning_rate = 1e-2 # Adam(b1=0.5, b2=0.999), constant
-  config.defense.comdefend.conv = 'auto'        # convolution kernels, as config.model.conv
-  # Additive Gaussian noise on the input at test time (a randomised pre-processor, no training):
-  # the simplest randomised defence, and the reference case of the EOT view.
-  config.defense.gaussian_noise = ml_collections.ConfigDict()
-  config.defense.gaussian_noise.std = 0.1
-  # The survey's input transformations (Guo et al. 2018, Xu et al. 2018) in front of the
-  # classifier of classifier_workdir. JPEG: the forward pass is Pillow's codec; its BPDA
-  # stand-in (view bpda) is a differentiable JAX JPEG or the identity.
-  config.defense.jpeg = ml_collections.ConfigDict()
-  config.defense.jpeg.quality = 75
-  config.defense.jpeg.stand_in = 'differentiable'   # differentiable | identity
-  config.defense.bit_depth = ml_collections.ConfigDict()
-  config.defense.bit_depth.bits = 0             # 0 = per dataset: 1 MNIST, 5 CIFAR-10 (Xu et al.)
-  config.defense.median = ml_collections.ConfigDict()
-  config.defense.median.size = 2                # window size x size (2 or 3 in Xu et al.)
-  # The feature-squeezing detector: score = max over squeezers of ||softmax(f(x)) -
-  # softmax(f(squeeze(x)))||_1, rejected over the threshold of `false_positive_rate` on the last
-  # `calibration_examples` test images (disjoint from the first eval.num_examples evaluated).
-  config.defense.feature_squeezing = ml_collections.ConfigDict()
-  config.defense.feature_squeezing.squeezers = ()   # () = per dataset: bit_depth_1 / _5, median_2
-  config.defense.feature_squeezing.false_positive_rate = 0.05
-  config.defense.feature_squeezing.calibration_examples = 1000
-  # The detector-aware attack (He et al. 2017): loss - weight * relu(score - 0.8 threshold).
-  config.defense.feature_squeezing.penalty_weight = 10.0
-  # Total-variance minimisation: pixels kept with keep_prob, then argmin ||mask (u - x)||^2 +
-  # lam TV(u), `iters` split-Bregman iterations.
-  config.defense.tv_min = ml_collections.ConfigDict()
-  config.defense.tv_min.keep_prob = 0.5
-  config.defense.tv_min.lam = 0.03
-  config.defense.tv_min.iters = 100
-  # Image quilting: a database of num_patches patch x patch patches of training images (seeded),
-  # tiles with `overlap`, a random one of the k nearest database patches per tile.
-  config.defense.quilting = ml_collections.ConfigDict()
-  config.defense.quilting.num_patches = 20000
-  config.defense.quilting.k = 10
-  config.defense.quilting.patch = 5
-  config.defense.quilting.overlap = 2
-  config.defense.quilting.seed = 0
-  # Random resize & pad (Xie et al. 2018): a random size in [s, S), zero-padded to S = round(
-  # max_scale s) (331 / 299 as published); the softmax averaged over `passes` draws.
-  config.defense.resize_pad = ml_collections.ConfigDict()
-  config.defense.resize_pad.max_scale = 331 / 299
-  config.defense.resize_pad.passes = 1
-  # Stochastic activation pruning (Dhillon et al. 2018) inside the classifier of
-  # classifier_workdir: after every activation (or 'conv': every convolution's output, as the
-  # obfuscated-gradients reference), samples_factor x the layer's size draws with replacement.
-  config.defense.sap = ml_collections.ConfigDict()
-  config.defense.sap.after = 'activation'
-  config.defense.sap.samples_factor = 2.0
-  # Random self-ensemble (Liu et al. 2018): the run trains its classifier with Gaussian noise
-  # before every convolution (input_std on the pixels in [0, 1]: their 0.4 on [-1, 1] inputs;
-  # inner_std inside), on at test time, the softmax averaged over `passes` noisy passes.
-  config.defense.rse = ml_collections.ConfigDict()
-  config.defense.rse.input_std = 0.2
-  config.defense.rse.inner_std = 0.1
-  config.defense.rse.passes = 10
-  # HGD (Liao et al. 2018): a denoiser D (DUNET, or DAE = DUNET without its lateral
-  # connections) trained in front of the frozen classifier of classifier_workdir (the target),
-  # deployed as f(D(x)). loss: pixel (L1 to x: the paper's pixel-guided denoiser) | fgd (L1 on
-  # the target's top feature map) | lgd (L1 on its logits) | cgd (its cross-entropy). widths:
-  # the 5 feed-forward widths (the paper's 64-128-256-256-256; the feedback path uses the
-  # first 4).
-  config.defense.hgd = ml_collections.ConfigDict()
-  config.defense.hgd.arch = 'dunet'
-  config.defense.hgd.loss = 'lgd'              # the paper's default HGD (the code's: fgd)
-  config.defense.hgd.widths = (64, 128, 256, 256, 256)
-  config.defense.hgd.learning_rate = 1e-3      # Adam; x lr_decay_factor at each fraction
-  config.defense.hgd.lr_decay_fractions = (0.6, 0.9)   # of the run's steps (official code)
-  config.defense.hgd.lr_decay_factor = 0.1
-  # The training set, crafted once and stored at `trainset` ('' = WORKDIR/hgd_trainset.npz):
-  # `train_images` clean training images (0 = all; a seeded subset of `train_classes`, () =
-  # every class) x `variants` (defences.hgd.VARIANTS), the ensemble = the target + the
-  # classifier runs of `ensemble_workdirs`.
-  config.defense.hgd.trainset = ''
-  config.defense.hgd.ensemble_workdirs = ()
-  config.defense.hgd.train_images = 0
-  config.defense.hgd.train_classes = ()
-  config.defense.hgd.variants = ('clean', 'noise', 'fgsm_target', 'fgsm_ensemble',
-                                 'ifgsm2_ensemble', 'ifgsm4_ensemble', 'ifgsm8_ensemble')
-  config.defense.hgd.seed = 0
-  # The classifier run the training set's attacks target ('' = classifier_workdir): a denoiser
-  # guided by another classifier can learn from the same crafted set (the paper's Table 5 / 9).
-  config.defense.hgd.crafted_on = ''
-  # Deployed D(x) = x + residual_scale x (D's predicted negative noise): 1 = HGD; 2 = the
-  # paper's "PGD x2" (Appendix B, Table 8).
-  config.defense.hgd.residual_scale = 1.0
+  config.defense = defence_fields.defence_config()
 
   config.eval = ml_collections.ConfigDict()
   config.eval.batch_size = 500

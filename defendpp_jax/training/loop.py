@@ -35,7 +35,9 @@ from defendpp_jax.runs import state as state_lib
 from defendpp_jax.training import batch_norm
 from defendpp_jax.training import recipes
 
-_LOGGED = ('loss', 'ce', 'guide', 'rec_full', 'rec_ms', 'code_penalty', 'train_accuracy', 'learning_rate')
+_LOGGED = ('loss', 'ce', 'guide', 'rec_full', 'rec_ms', 'code_penalty', 'cross_lipschitz',
+           'deep_defense', 'kl', 'ensemble_entropy', 'log_det', 'train_accuracy',
+           'learning_rate')
 
 
 def jit_train_step(step_fn: Callable, mesh: Mesh) -> Callable:
@@ -137,6 +139,8 @@ def _describe(config, recipe, state, ds, total_steps) -> str:
   if config.defense.name in registry.CLASSIFIER_RUNS:
     n_cls = sum(p.size for p in jax.tree_util.tree_leaves(state.params['classifier']))
     what = f'{recipe.description}; {n_params:,} params ({n_cls:,} in the classifier)'
+  elif config.defense.name in registry.ENSEMBLE_RUNS:
+    what = f'{recipe.description}; {n_params:,} params'
   else:
     what = (f'{recipe.description}; {n_params:,} params; classifier from '
             f'{config.defense.classifier_workdir or "(none given)"}')
@@ -268,6 +272,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     bn_statistics = (run.meta or {}).get('bn_statistics', 'running')
   run.ckpt.close()
   summary = _summary(config, workdir, ds, run.state, bn_statistics, mesh)
+  if recipe.report is not None:
+    summary.update(recipe.report(jax.device_get(run.state.params)))
   if summary['clean_accuracy'] is not None:
     writer.scalars(final_step, {'test_clean_accuracy': summary['clean_accuracy']})
   writer.close()
@@ -290,7 +296,7 @@ def _summary(config, workdir, ds, state, bn_statistics, mesh) -> dict[str, Any]:
              'model': registry.run_name(config), 'bn_statistics': bn_statistics,
              **dnn.conv_kernels(config.model.conv), 'num_devices': jax.device_count(),
              'config': config.to_dict()}
-  if (config.defense.name not in registry.CLASSIFIER_RUNS
+  if (config.defense.name not in registry.CLASSIFIER_RUNS + registry.ENSEMBLE_RUNS
       and not config.defense.classifier_workdir):
     # a reformer without a classifier: report its reconstruction error only
     summary.update(clean_accuracy=None, correct=None, seen=len(ds.test_labels))

@@ -13,13 +13,14 @@ import jax
 import optax
 
 
-def sgd_step_decay(tc: Any, steps_per_epoch: int
+def sgd_step_decay(tc: Any, steps_per_epoch: int, decay_mask: Any = None
                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """SGD with momentum and (PyTorch-style, coupled) weight decay; step-decay learning rate.
 
   The decay epochs are those of a `lr_schedule_epochs`-long run (the paper's 250 / 300 epochs),
   stretched or shrunk to the `num_epochs` actually trained, so that a shortened run still
-  anneals at the same fractions of its length (0: no rescaling).
+  anneals at the same fractions of its length (0: no rescaling). `decay_mask` (a pytree of
+  bools, or a function of the parameters giving one): where weight decay applies (all: None).
   """
   horizon = tc.get('lr_schedule_epochs', 0)
   scale = tc.num_epochs / horizon if horizon else 1.0
@@ -29,7 +30,7 @@ def sgd_step_decay(tc: Any, steps_per_epoch: int
     if b > 0:
       boundaries[b] = boundaries.get(b, 1.0) * tc.lr_decay_factor
   schedule = optax.piecewise_constant_schedule(tc.learning_rate, boundaries)
-  tx = optax.chain(optax.add_decayed_weights(tc.weight_decay),
+  tx = optax.chain(optax.add_decayed_weights(tc.weight_decay, mask=decay_mask),
                    optax.sgd(schedule, momentum=tc.momentum))
   return tx, schedule
 

@@ -8,7 +8,8 @@ Usage:
 A recipe names its model, optimiser (optionally with frozen parts: `optim.freeze`), an optional
 `prepare` (work outside the gradient, e.g. adversarial crafting), its loss as named terms
 (`loss` returns {name: scalar}, summed with the per-epoch `phase` weights in `term_names` order),
-and an optional `post_update` (a projection after each step, e.g. Parseval's retraction). A new
+an optional `post_update` (a projection after each step, e.g. Parseval's retraction) and an
+optional `report` (entries of train_summary.json computed from the final parameters). A new
 training-time defence is a new recipe (or new terms), not a branch in the loop. Pre-processors
 are trained in front of a frozen classifier: `frozen` variables reach `prepare` and `loss` as an
 argument of the jitted step, never as trainable parameters.
@@ -42,6 +43,9 @@ from defendpp_jax.runs.state import TrainState
 from defendpp_jax.training import objectives
 from defendpp_jax.training import optim
 
+# fold_in constant of the post-update transform's key (distinct from the loss's streams).
+_POST_UPDATE = 0x905D
+
 # (params, state, images, labels, key, prepared, frozen) -> (terms, new batch_stats, metrics)
 LossFn = Callable[..., tuple[dict[str, jax.Array], Any, dict[str, jax.Array]]]
 
@@ -57,10 +61,11 @@ class Recipe:
   term_names: tuple[str, ...]
   phase: Callable[[int], tuple[tuple[float, ...], str]]  # epoch -> (term weights, phase name)
   prepare: Callable[..., Any] | None = None              # (state, images, labels, key, frozen)
-  post_update: Callable[[Any], Any] | None = None         # params -> params
+  post_update: Callable[[Any, Any], Any] | None = None    # (params, key) -> params
   frozen: Any = None                                     # variables the loss reads, not trains
   precise_bn: bool = False                                # BN statistics may be re-estimated
   description: str = ''
+  report: Callable[[Any], dict[str, Any]] | None = None  # final params -> train_summary entries
 
 
 def weighted_sum(terms: dict[str, jax.Array], weights: jax.Array,
@@ -91,7 +96,7 @@ def train_step(state: TrainState, images: jax.Array, labels: jax.Array, weights:
   updates, opt_state = recipe.tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   if recipe.post_update is not None:
-    params = recipe.post_update(params)
+    params = recipe.post_update(params, jax.random.fold_in(step_key, _POST_UPDATE))
   return TrainState(state.step + 1, params, batch_stats, opt_state), metrics
 
 
@@ -360,15 +365,18 @@ TRAINING_DATA = {'hgd': hgd_training_data}
 def training_data(config: ml_collections.ConfigDict, ds: data_lib.Dataset,
                   workdir: str) -> data_lib.Dataset:
   """What a run's batches are drawn from: `ds`, or its recipe's own training set."""
-  fn = TRAINING_DATA.get(config.defense.name)
+  from defendpp_jax.training import training_defences  # pylint: disable=g-import-not-at-top
+  fn = {**TRAINING_DATA, **training_defences.TRAINING_DATA}.get(config.defense.name)
   return ds if fn is None else fn(config, ds, workdir)
 
 
 def make_recipe(config: ml_collections.ConfigDict, ds: data_lib.Dataset,
                 steps_per_epoch: int) -> Recipe:
   """The recipe of `config.defense.name` ('none': the run trains its classifier)."""
+  from defendpp_jax.training import training_defences  # pylint: disable=g-import-not-at-top
+  known = {**RECIPES, **training_defences.RECIPES}
   name = config.defense.name
-  if name not in RECIPES:
+  if name not in known:
     raise ValueError(f'config.defense.name={name!r} trains nothing (it has no recipe; known: '
-                     f'{tuple(RECIPES)}); evaluate it with python -m launch.evaluate')
-  return RECIPES[name](config, ds, steps_per_epoch)
+                     f'{tuple(known)}); evaluate it with python -m launch.evaluate')
+  return known[name](config, ds, steps_per_epoch)
