@@ -32,6 +32,11 @@ struct Geometry {
   memory::dims pad_r() const { return {pb, pr}; }
 };
 
+// Each primitive owns its scratchpad (scratchpad_mode::user). With the library's default
+// mode the scratchpad is a buffer per thread sized when a primitive is created, and XLA runs a
+// handler on whichever of its pool's threads is free: a primitive created on one thread and
+// executed on another overran the smaller buffer there (the GEMM-based kernel-gradient
+// kernels oneDNN picks without AVX-512 need a large one: a segfault in im2col).
 struct Prims {
   dnnl::convolution_forward::primitive_desc fwd_pd;
   dnnl::convolution_forward fwd;
@@ -39,7 +44,14 @@ struct Prims {
   dnnl::convolution_backward_data bwd_d;
   dnnl::convolution_backward_weights::primitive_desc bwd_w_pd;
   dnnl::convolution_backward_weights bwd_w;
+  memory fwd_scratch, bwd_d_scratch, bwd_w_scratch;
 };
+
+dnnl::primitive_attr UserScratchpad() {
+  dnnl::primitive_attr attr;
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  return attr;
+}
 
 // XLA:CPU runs independent operations of one program concurrently on its thread pool. oneDNN's
 // OpenMP kernels must not be executed from two threads at once: each caller becomes the master
@@ -59,16 +71,19 @@ Prims& Get(const Geometry& g) {
     auto& eng = Engine();
     auto fwd_pd = dnnl::convolution_forward::primitive_desc(
         eng, dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct, g.src(),
-        g.wei_any(), g.dst(), g.strides(), g.pad_l(), g.pad_r());
+        g.wei_any(), g.dst(), g.strides(), g.pad_l(), g.pad_r(), UserScratchpad());
     auto bwd_d_pd = dnnl::convolution_backward_data::primitive_desc(
         eng, dnnl::algorithm::convolution_direct, g.src(), g.wei_any(), g.dst(), g.strides(),
-        g.pad_l(), g.pad_r(), fwd_pd);
+        g.pad_l(), g.pad_r(), fwd_pd, UserScratchpad());
     auto bwd_w_pd = dnnl::convolution_backward_weights::primitive_desc(
         eng, dnnl::algorithm::convolution_direct, g.src(), g.wei_any(), g.dst(), g.strides(),
-        g.pad_l(), g.pad_r(), fwd_pd);
+        g.pad_l(), g.pad_r(), fwd_pd, UserScratchpad());
     slot.reset(new Prims{fwd_pd, dnnl::convolution_forward(fwd_pd), bwd_d_pd,
                          dnnl::convolution_backward_data(bwd_d_pd), bwd_w_pd,
-                         dnnl::convolution_backward_weights(bwd_w_pd)});
+                         dnnl::convolution_backward_weights(bwd_w_pd),
+                         memory(fwd_pd.scratchpad_desc(), eng),
+                         memory(bwd_d_pd.scratchpad_desc(), eng),
+                         memory(bwd_w_pd.scratchpad_desc(), eng)});
   }
   return *slot;
 }
@@ -104,7 +119,8 @@ ffi::Error ConvFwdImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
     memory src(g.src(), Engine(), x.typed_data());
     memory dst(g.dst(), Engine(), y->typed_data());
     memory wei = KernelIn(p.fwd_pd.weights_desc(), g, w.typed_data(), s);
-    p.fwd.execute(s, {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, wei}, {DNNL_ARG_DST, dst}});
+    p.fwd.execute(s, {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, wei}, {DNNL_ARG_DST, dst},
+                     {DNNL_ARG_SCRATCHPAD, p.fwd_scratch}});
     s.wait();
   } catch (const dnnl::error& e) {
     return ffi::Error(ffi::ErrorCode::kInternal, e.what());
@@ -128,7 +144,7 @@ ffi::Error ConvBwdDataImpl(ffi::Buffer<ffi::F32> gy, ffi::Buffer<ffi::F32> w,
     memory diff_src(g.src(), Engine(), dx->typed_data());
     memory wei = KernelIn(p.bwd_d_pd.weights_desc(), g, w.typed_data(), s);
     p.bwd_d.execute(s, {{DNNL_ARG_DIFF_DST, diff_dst}, {DNNL_ARG_WEIGHTS, wei},
-                        {DNNL_ARG_DIFF_SRC, diff_src}});
+                        {DNNL_ARG_DIFF_SRC, diff_src}, {DNNL_ARG_SCRATCHPAD, p.bwd_d_scratch}});
     s.wait();
   } catch (const dnnl::error& e) {
     return ffi::Error(ffi::ErrorCode::kInternal, e.what());
@@ -153,7 +169,7 @@ ffi::Error ConvBwdWeightsImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> gy,
     auto want = p.bwd_w_pd.diff_weights_desc();
     memory diff_wei = want == g.wei_user() ? user : memory(want, Engine());
     p.bwd_w.execute(s, {{DNNL_ARG_SRC, src}, {DNNL_ARG_DIFF_DST, diff_dst},
-                        {DNNL_ARG_DIFF_WEIGHTS, diff_wei}});
+                        {DNNL_ARG_DIFF_WEIGHTS, diff_wei}, {DNNL_ARG_SCRATCHPAD, p.bwd_w_scratch}});
     if (!(want == g.wei_user())) dnnl::reorder(diff_wei, user).execute(s, diff_wei, user);
     s.wait();
   } catch (const dnnl::error& e) {
