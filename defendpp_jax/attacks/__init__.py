@@ -31,6 +31,7 @@ steps unrolled: for long evaluations of such models, pass `unroll=True`.
 from defendpp_jax.attacks.bounded import apgd
 from defendpp_jax.attacks.bounded import apgd_checkpoints
 from defendpp_jax.attacks.bounded import apgd_increases
+from defendpp_jax.attacks.bounded import apgd_targeted
 from defendpp_jax.attacks.bounded import bim
 from defendpp_jax.attacks.bounded import fgsm
 from defendpp_jax.attacks.bounded import pgd
@@ -46,7 +47,9 @@ from defendpp_jax.attacks.core import objective
 from defendpp_jax.attacks.core import project_l2
 from defendpp_jax.attacks.core import project_linf
 from defendpp_jax.attacks.core import random_init
+from defendpp_jax.attacks.gradient_free import square
 from defendpp_jax.attacks.minimal_norm import cw_l2
 from defendpp_jax.attacks.minimal_norm import ddn
 
-ATTACKS = {'fgsm': fgsm, 'bim': bim, 'pgd': pgd, 'cw_l2': cw_l2, 'ddn': ddn, 'apgd': apgd}
+ATTACKS = {'fgsm': fgsm, 'bim': bim, 'pgd': pgd, 'cw_l2': cw_l2, 'ddn': ddn, 'apgd': apgd,
+           'apgd_t': apgd_targeted, 'square': square}

@@ -274,3 +274,31 @@ def apgd(logits_fn, x: Array, y: Array, *, eps, num_steps: int, key: Array,
   c = jax.lax.fori_loop(0, num_steps, body, init, unroll=unroll)
   x_adv = jnp.where(bcast(c['fooled']), c['x_best_adv'], c['x_best'])
   return jax.lax.stop_gradient(x_adv)
+
+
+def apgd_targeted(logits_fn, x: Array, y: Array, *, eps, num_steps: int, key: Array,
+                  num_targets: int = 9, norm: str = 'linf') -> Array:
+  """APGD-T (Croce & Hein 2020, AutoAttack): APGD on the targeted DLR loss toward each of the
+  `num_targets` classes ranked highest after y on the clean input, in turn (2nd, 3rd, ...);
+  per example the first run whose point is misclassified is kept (else the last run's point).
+  """
+  model = core.as_attack_model(logits_fn)
+  keys = core.model_keys(model, key)
+  logits = model.logits(x, keys(core.FINAL_STEP))
+  k = logits.shape[-1]
+  if not 1 <= num_targets <= k - 1:
+    raise ValueError(f'apgd_t: num_targets={num_targets} must be in [1, {k - 1}]')
+  ranked = jnp.argsort(-logits, axis=-1)  # the true class, where first, is skipped below
+  others = jax.vmap(lambda r, label: r[jnp.argsort(r == label, stable=True)])(ranked, y)
+
+  def body(t, carry):
+    x_out, done = carry
+    target = others[:, t]
+    cand = apgd(model, x, y, eps=eps, num_steps=num_steps, key=jax.random.fold_in(key, t),
+                loss='dlr', norm=norm, target=target)
+    fooled = core.is_adversarial(model.logits(cand, keys(core.FINAL_STEP)), y)
+    take = ~done & (fooled | (t == num_targets - 1))
+    return jnp.where(core.per_example(take, x), cand, x_out), done | fooled
+
+  x_out, _ = jax.lax.fori_loop(0, num_targets, body, (x, jnp.zeros(x.shape[0], bool)))
+  return jax.lax.stop_gradient(x_out)

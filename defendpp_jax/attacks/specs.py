@@ -10,7 +10,10 @@ Settings of every entry: `label` (its row name), `view` and `eot_samples` (else 
 evaluation's). Bounded (L-inf / L2) attacks: `eps`, `loss` (ce | margin | dlr); fgsm, bim, pgd
 and apgd also `steps` (not fgsm), bim / pgd `step_size_factor`, pgd `restarts` and `norm`, apgd
 `norm`. Minimal-norm: cw_l2 `binary_steps`, `steps`, `initial_const`, `lr`, `confidence`,
-`abort_early`; ddn `steps`, `gamma`, `init_norm`. `apgd_dlr` is apgd with loss=dlr.
+`abort_early`; ddn `steps`, `gamma`, `init_norm`. `apgd_dlr` is apgd with loss=dlr; `apgd_t`
+(targeted APGD-DLR toward each of the `targets` classes ranked after the label) `eps`, `steps`,
+`norm`, `targets`; `square` (score-based: logits only, never a gradient) `eps`, `queries`,
+`p_init`, `norm`.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from defendpp_jax.attacks import core
 # Table columns in the paper's order (one list for reports and reproduced tables).
 COLUMNS = (('fgsm', 'FGSM'), ('bim', 'BIM'), ('pgd', 'PGD'), ('cw_l2', 'C&W'), ('ddn', 'DDN'),
            ('apgd', 'APGD'), ('apgd_dlr', 'APGD-DLR'))
-NAMES = ('fgsm', 'bim', 'pgd', 'apgd', 'apgd_dlr', 'cw_l2', 'ddn')
+NAMES = ('fgsm', 'bim', 'pgd', 'apgd', 'apgd_dlr', 'apgd_t', 'square', 'cw_l2', 'ddn')
 VIEWS = ('auto', 'exact', 'bpda', 'eot', 'bpda+eot', 'oblivious')
 _COMMON = ('label', 'view', 'eot_samples')
 _SETTINGS = {
@@ -35,6 +38,8 @@ _SETTINGS = {
     'pgd': ('eps', 'loss', 'steps', 'step_size_factor', 'restarts', 'norm'),
     'apgd': ('eps', 'loss', 'steps', 'norm'),
     'apgd_dlr': ('eps', 'steps', 'norm'),
+    'apgd_t': ('eps', 'steps', 'norm', 'targets'),
+    'square': ('eps', 'queries', 'p_init', 'norm'),
     'cw_l2': ('binary_steps', 'steps', 'initial_const', 'lr', 'confidence', 'abort_early'),
     'ddn': ('steps', 'gamma', 'init_norm'),
 }
@@ -53,6 +58,7 @@ class AttackSpec:
   loss: str = 'ce'
   view: str | None = None      # None: the evaluation's config.eval.view
   eot_samples: int | None = None  # None: the evaluation's config.eval.eot_samples
+  group: str = ''              # an ensemble entry (autoattack): its components run as a cascade
 
   @property
   def key(self) -> str:
@@ -104,15 +110,20 @@ def make_spec(name: str, *, label: str = '', view: str | None = None,
               steps: int = 100, step_size_factor: float = 2.5, restarts: int = 1,
               norm: str = 'linf', binary_steps: int = 5, initial_const: float = 0.01,
               lr: float = 0.01, confidence: float = 0.0, abort_early: bool = False,
-              gamma: float = 0.05, init_norm: float = 1.0) -> AttackSpec:
+              gamma: float = 0.05, init_norm: float = 1.0, targets: int = 9,
+              queries: int = 5000, p_init: float = 0.8) -> AttackSpec:
   """The AttackSpec of attack `name` with these settings (the one place specs are built)."""
   for field, value, kind in (('eps', eps, (int, float)), ('steps', steps, int),
                              ('restarts', restarts, int), ('binary_steps', binary_steps, int),
+                             ('targets', targets, int), ('queries', queries, int),
+                             ('p_init', p_init, (int, float)),
                              ('abort_early', abort_early, bool),
                              ('step_size_factor', step_size_factor, (int, float))):
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
       what = getattr(kind, '__name__', 'number')
       raise ValueError(f'attack {name!r}: {field}={value!r} is not a {what}')
+  if queries < 1 or targets < 1:
+    raise ValueError(f'attack {name!r}: queries={queries} and targets={targets} must be >= 1')
   if eot_samples is not None and (not isinstance(eot_samples, int) or eot_samples < 1):
     raise ValueError(f'attack {name!r}: eot_samples={eot_samples!r} must be an integer >= 1')
   if view is not None and view not in VIEWS:
@@ -134,6 +145,17 @@ def make_spec(name: str, *, label: str = '', view: str | None = None,
     common['label'] = label or ('apgd_dlr' if name == 'apgd_dlr' else '')
     return AttackSpec('apgd', {'eps': eps, 'num_steps': steps, 'loss': loss, 'norm': norm},
                       norm, eps, steps, loss=loss, **common)
+  if name == 'apgd_t':
+    return AttackSpec('apgd_t', {'eps': eps, 'num_steps': steps, 'norm': norm,
+                                 'num_targets': targets}, norm, eps, steps, restarts=targets,
+                      loss='dlr', **common)
+  if name == 'square':
+    if not 0.0 < p_init <= 1.0:
+      raise ValueError(f'attack square: p_init={p_init!r} must be in (0, 1]')
+    if norm != 'linf':
+      raise ValueError(f"attack square: norm={norm!r}; only 'linf' is implemented")
+    return AttackSpec('square', {'eps': eps, 'num_queries': queries, 'p_init': float(p_init),
+                                 'norm': norm}, norm, eps, queries, loss='margin', **common)
   if name == 'cw_l2':
     kwargs = {'binary_search_steps': binary_steps, 'num_steps': steps,
               'confidence': confidence, 'initial_const': initial_const, 'lr': lr}
@@ -144,7 +166,8 @@ def make_spec(name: str, *, label: str = '', view: str | None = None,
   if name == 'ddn':
     return AttackSpec('ddn', {'num_steps': steps, 'gamma': gamma, 'init_norm': init_norm},
                       'l2', None, steps, loss='ce', **common)
-  raise ValueError(f'config.eval.attacks: unknown attack {name!r}; known: {NAMES}')
+  raise ValueError(f'config.eval.attacks: unknown attack {name!r}; known: '
+                   f'{NAMES + tuple(ENSEMBLES)}')
 
 
 def _defaults(ec: Any, dataset: str, name: str) -> dict[str, Any]:
@@ -159,15 +182,57 @@ def _defaults(ec: Any, dataset: str, name: str) -> dict[str, Any]:
             'restarts': ec.pgd_restarts}
   if name == 'apgd':
     return {'eps': eps, 'steps': ec.apgd_steps, 'loss': ec.apgd_loss}
-  if name == 'apgd_dlr':
+  if name in ('apgd_dlr', 'apgd_t'):
     return {'eps': eps, 'steps': ec.apgd_steps}
+  if name == 'square':
+    return {'eps': eps, 'queries': ec.get('square_queries', 5000)}
   if name == 'cw_l2':
     return {'binary_steps': ec.cw_binary_steps, 'steps': ec.cw_steps,
             'initial_const': ec.cw_initial_const, 'lr': ec.cw_lr,
             'abort_early': ec.get('cw_abort_early', False)}
   if name == 'ddn':
     return {'steps': ec.ddn_steps}
-  raise ValueError(f'config.eval.attacks: unknown attack {name!r}; known: {NAMES}')
+  raise ValueError(f'config.eval.attacks: unknown attack {name!r}; known: '
+                   f'{NAMES + tuple(ENSEMBLES)}')
+
+
+# AutoAttack (Croce & Hein 2020) as one entry: its components in the published order, each
+# run only on the examples the ones before it did not break (evaluation.evaluate). FAB-T is not
+# among them (minimal-norm and not implemented here); `autoattack_rand` is the version for
+# randomised defences (APGD-CE and APGD-DLR with EOT over 20 draws).
+ENSEMBLES = {
+    'autoattack': (('apgd', {'loss': 'ce'}, 'apgd_ce'), ('apgd_t', {}, 'apgd_t'),
+                   ('square', {}, 'square')),
+    'autoattack_rand': (('apgd', {'loss': 'ce', 'view': 'eot', 'eot_samples': 20}, 'apgd_ce'),
+                        ('apgd_dlr', {'view': 'eot', 'eot_samples': 20}, 'apgd_dlr')),
+}
+_ENSEMBLE_SETTINGS = ('eps', 'steps', 'norm', 'targets', 'queries', 'label')
+
+
+def ensemble_specs(ec: Any, dataset: str, name: str, settings: dict[str, Any]
+                   ) -> list[AttackSpec]:
+  """The component specs of ensemble entry `name` (labels `<label>:<component>`)."""
+  unknown = sorted(set(settings) - set(_ENSEMBLE_SETTINGS))
+  if unknown:
+    raise ValueError(f'config.eval.attacks: {name}: unknown setting(s) {unknown} (allowed: '
+                     f'{_ENSEMBLE_SETTINGS})')
+  group = settings.pop('label', name)
+  out = []
+  for attack, fixed, part in ENSEMBLES[name]:
+    allowed = set(_SETTINGS[attack])
+    mine = {k: v for k, v in settings.items() if k in allowed}
+    out.append(dataclasses.replace(
+        make_spec(attack, **{**_defaults(ec, dataset, attack), **mine, **fixed},
+                  label=f'{group}:{part}'), group=group))
+  return out
+
+
+def group_spec(parts: list[AttackSpec]) -> AttackSpec:
+  """The row of an ensemble: the worst case over its components (`parts`, in order)."""
+  first = parts[0]
+  return AttackSpec(first.group, {'components': [p.key for p in parts]}, first.norm,
+                    first.eps, sum(p.steps for p in parts), label=first.group,
+                    loss='worst case', group=first.group)
 
 
 def attack_specs(ec: Any, dataset: str) -> list[AttackSpec]:
@@ -175,6 +240,9 @@ def attack_specs(ec: Any, dataset: str) -> list[AttackSpec]:
   specs = []
   for entry in ec.attacks:
     name, settings = parse_entry(entry)
+    if name in ENSEMBLES:
+      specs += ensemble_specs(ec, dataset, name, settings)
+      continue
     allowed = _SETTINGS.get(name, ()) + _COMMON
     unknown = sorted(set(settings) - set(allowed))
     if name in _SETTINGS and unknown:

@@ -11,4 +11,6 @@ never imports the trainer.
 from defendpp_jax.evaluation.evaluate import evaluate
 from defendpp_jax.evaluation.evaluate import evaluate_defence
 from defendpp_jax.evaluation.evaluate import eps_sweep
+from defendpp_jax.evaluation.evaluate import ensemble_results
+from defendpp_jax.evaluation.evaluate import run_entries
 from defendpp_jax.evaluation.evaluate import worst_case_results

@@ -64,11 +64,36 @@ def sanity_checks(target: Defence, images, labels, clean_acc: float,
         acc = results[name].accuracy
         checks.append(_check(f'{name} at least as strong as FGSM at the same eps', acc,
                              f'<= {fgsm:.4f} (+0.01)', acc <= fgsm + 0.01))
+  checks += square_checks(results)
   for name, res in (transfer or {}).items():
     if name in results:
       wb = results[name].accuracy
       checks.append(_check(f'white-box {name} at least as strong as transfer {name}', wb,
                            f'<= {res.accuracy:.4f} (+0.01)', wb <= res.accuracy + 0.01))
+  return checks
+
+
+# AutoAttack's check_square_sr: the score-based Square breaking more than this fraction of the
+# examples the gradient attacks before it left standing means their gradients were masked.
+SQUARE_ALPHA = 0.002
+
+
+def square_checks(results: dict[str, runner.AttackResult]) -> list[dict[str, Any]]:
+  """For each ensemble with Square after gradient attacks: did Square break what they did not?"""
+  checks, previous = [], {}
+  for res in results.values():
+    group = res.spec.group
+    if not group or res.spec.key == group:
+      continue
+    if res.spec.attack == 'square' and group in previous:
+      before = previous[group]
+      extra = before.accuracy - res.accuracy
+      checks.append(_check(
+          f'{group}: Square (no gradients) breaks few examples the gradient attacks before it '
+          f'left ({before.spec.key} {before.accuracy:.4f} -> {res.spec.key} '
+          f'{res.accuracy:.4f}; masked gradients otherwise)', extra,
+          f'<= {SQUARE_ALPHA}', extra <= SQUARE_ALPHA))
+    previous[group] = res
   return checks
 
 

@@ -12,6 +12,7 @@ attack are computed and written with every table.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any, Sequence
 
@@ -58,14 +59,18 @@ def run_entries(defence: Defence, images: np.ndarray, labels: np.ndarray,
   common = dict(view=view, eot_samples=eot_samples, eot_chunk=eot_chunk, draws=draws,
                 progress=progress)
   clean = None
-  if worst_case:
+  single = [s for s in specs if not s.group]
+  if worst_case or len(single) < len(specs):
     clean = clean_masks(defence, images, labels, batch_size, key,
                         runner.effective_draws(defence, source, draws))
-    results = worst_case_results(defence, images, labels, specs, batch_size, key,
+  if worst_case:
+    results = worst_case_results(defence, images, labels, single, batch_size, key,
                                  source=source, clean=clean, **common)
   else:
     results = {s.key: runner.run_attack(s, defence, images, labels, batch_size, key,
-                                        source=source, **common) for s in specs}
+                                        source=source, **common) for s in single}
+  results.update(ensemble_results(defence, images, labels, specs, batch_size, key,
+                                  source=source, clean=clean, **common))
   transfer = {}
   if transfer_from is not None:
     transfer = {s.key: runner.run_attack(s, defence, images, labels, batch_size, key,
@@ -127,6 +132,35 @@ def worst_case_results(defence: Defence, images: np.ndarray, labels: np.ndarray,
     if s.eps is None:
       results[s.key] = runner.run_attack(s, defence, images, labels, batch_size, key,
                                          source=source, draws=draws, **common)
+  return results
+
+
+def ensemble_results(defence: Defence, images: np.ndarray, labels: np.ndarray,
+                     specs: Sequence[specs_lib.AttackSpec], batch_size: int, key: jax.Array,
+                     source: Defence | None = None, draws: int = 1,
+                     clean: list[np.ndarray] | None = None, **common
+                     ) -> dict[str, runner.AttackResult]:
+  """Each ensemble entry (autoattack): its components in order, each on the examples (per
+  draw) still defended after the clean pass and the components before it; then the ensemble's
+  own row, the worst case per example over all of them (the last component's count)."""
+  groups: dict[str, list[specs_lib.AttackSpec]] = {}
+  for s in specs:
+    if s.group:
+      groups.setdefault(s.group, []).append(s)
+  if not groups:
+    return {}
+  draws = runner.effective_draws(defence, source, draws)
+  if clean is None:
+    clean = clean_masks(defence, images, labels, batch_size, key, draws)
+  results = {}
+  for group, parts in groups.items():
+    alive = clean
+    for s in parts:
+      res = runner.run_attack(s, defence, images, labels, batch_size, key, source=source,
+                              draws=draws, alive=alive, **common)
+      alive = res.ok_per_draw
+      results[s.key] = res
+    results[group] = dataclasses.replace(res, spec=specs_lib.group_spec(parts))
   return results
 
 
