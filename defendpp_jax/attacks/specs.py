@@ -152,8 +152,8 @@ def make_spec(name: str, *, label: str = '', view: str | None = None,
   if name == 'square':
     if not 0.0 < p_init <= 1.0:
       raise ValueError(f'attack square: p_init={p_init!r} must be in (0, 1]')
-    if norm != 'linf':
-      raise ValueError(f"attack square: norm={norm!r}; only 'linf' is implemented")
+    if norm not in ('linf', 'l2'):
+      raise ValueError(f"attack square: norm={norm!r} is not 'linf' or 'l2'")
     return AttackSpec('square', {'eps': eps, 'num_queries': queries, 'p_init': float(p_init),
                                  'norm': norm}, norm, eps, queries, loss='margin', **common)
   if name == 'cw_l2':
