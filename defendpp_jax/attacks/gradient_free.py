@@ -150,8 +150,8 @@ def square(logits_fn, x: Array, y: Array, *, eps, num_queries: int, key: Array,
     s = jnp.maximum(jnp.round(jnp.sqrt(p * h * w)).astype(jnp.int32), 3)
     s = s + (s % 2 == 0)
     s = jnp.where(s > h - 1, s - 2, s)  # stays odd and inside the image
-    vh, vw = (jax.random.randint(k, (), 0, h - s + 1) for k in (k1h, k1w))
-    vh2, vw2 = (jax.random.randint(k, (), 0, h - s + 1) for k in (k2h, k2w))
+    vh, vh2 = (jax.random.randint(k, (), 0, h - s + 1) for k in (k1h, k2h))
+    vw, vw2 = (jax.random.randint(k, (), 0, w - s + 1) for k in (k1w, k2w))
     win1, win2 = window_at(vh, vw, s), window_at(vh2, vw2, s)
     delta = xb - x
     norm_w1 = jnp.sqrt(jnp.sum(jnp.where(win1, delta, 0.0) ** 2, axis=(1, 2), keepdims=True))
