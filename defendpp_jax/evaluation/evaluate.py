@@ -121,13 +121,11 @@ def worst_case_results(defence: Defence, images: np.ndarray, labels: np.ndarray,
   draws = runner.effective_draws(defence, source, draws)
   if clean is None:
     clean = clean_masks(defence, images, labels, batch_size, key, draws)
-  alive: dict[str, list[np.ndarray]] = {}
   results = {}
-  for s in sorted((s for s in specs if s.eps is not None), key=lambda s: (s.norm, s.eps)):
-    res = runner.run_attack(s, defence, images, labels, batch_size, key, source=source,
-                            draws=draws, alive=alive.get(s.norm, clean), **common)
-    alive[s.norm] = res.ok_per_draw
-    results[s.key] = res
+  bounded = sorted((s for s in specs if s.eps is not None), key=lambda s: (s.norm, s.eps))
+  for norm in dict.fromkeys(s.norm for s in bounded):
+    results.update(_cascade([s for s in bounded if s.norm == norm], defence, images, labels,
+                            batch_size, key, source, draws, clean, common))
   for s in specs:
     if s.eps is None:
       results[s.key] = runner.run_attack(s, defence, images, labels, batch_size, key,
@@ -154,13 +152,24 @@ def ensemble_results(defence: Defence, images: np.ndarray, labels: np.ndarray,
     clean = clean_masks(defence, images, labels, batch_size, key, draws)
   results = {}
   for group, parts in groups.items():
-    alive = clean
-    for s in parts:
-      res = runner.run_attack(s, defence, images, labels, batch_size, key, source=source,
-                              draws=draws, alive=alive, **common)
-      alive = res.ok_per_draw
-      results[s.key] = res
-    results[group] = dataclasses.replace(res, spec=specs_lib.group_spec(parts))
+    part_results = _cascade(parts, defence, images, labels, batch_size, key, source, draws,
+                            clean, common)
+    results.update(part_results)
+    last = part_results[parts[-1].key]
+    results[group] = dataclasses.replace(last, spec=specs_lib.group_spec(parts))
+  return results
+
+
+def _cascade(specs, defence, images, labels, batch_size, key, source, draws, clean, common
+             ) -> dict[str, runner.AttackResult]:
+  """`specs` in order, each on the examples (per draw) still defended after `clean` and the
+  ones before it."""
+  alive, results = clean, {}
+  for s in specs:
+    res = runner.run_attack(s, defence, images, labels, batch_size, key, source=source,
+                            draws=draws, alive=alive, **common)
+    alive = res.ok_per_draw
+    results[s.key] = res
   return results
 
 
