@@ -37,6 +37,7 @@ from defendpp_jax.attacks.bounded import fgsm
 from defendpp_jax.attacks.bounded import pgd
 from defendpp_jax.attacks.core import LOSSES
 from defendpp_jax.attacks.core import AttackModel
+from defendpp_jax.attacks.core import LatentSpace
 from defendpp_jax.attacks.core import as_attack_model
 from defendpp_jax.attacks.core import ce_loss
 from defendpp_jax.attacks.core import dlr_loss
@@ -48,8 +49,9 @@ from defendpp_jax.attacks.core import project_l2
 from defendpp_jax.attacks.core import project_linf
 from defendpp_jax.attacks.core import random_init
 from defendpp_jax.attacks.gradient_free import square
+from defendpp_jax.attacks.latent import latent
 from defendpp_jax.attacks.minimal_norm import cw_l2
 from defendpp_jax.attacks.minimal_norm import ddn
 
 ATTACKS = {'fgsm': fgsm, 'bim': bim, 'pgd': pgd, 'cw_l2': cw_l2, 'ddn': ddn, 'apgd': apgd,
-           'apgd_t': apgd_targeted, 'square': square}
+           'apgd_t': apgd_targeted, 'square': square, 'latent': latent}

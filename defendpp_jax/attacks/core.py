@@ -43,6 +43,18 @@ FINAL_STEP = 0x7FFFFFFF
 
 
 @dataclasses.dataclass(frozen=True)
+class LatentSpace:
+  """A generator defence's latent space as an attacker sees it (variables bound).
+
+  Attributes:
+    generate: z (N, latent) -> images (N, H, W, C) in [0, 1], differentiable.
+    encode: (x, key) -> the z the defence's projection finds for x.
+  """
+  generate: Callable[[Array], Array]
+  encode: Callable[[Array, Array | None], Array]
+
+
+@dataclasses.dataclass(frozen=True)
 class AttackModel:
   """A model as an attacker sees it.
 
@@ -53,12 +65,15 @@ class AttackModel:
     randomised: whether `logits` consumes its key (an attack must then supply one).
     penalty: optional (x, key) -> per-example penalty subtracted from every objective the
       model's `value_and_grad` computes (a detector-aware attack: loss - c * detector score).
+    latent: a generator defence's latent space (view 'latent'; `logits` is then the classifier
+      behind the projection), for the latent attack.
   """
   logits: Callable[[Array, Array | None], Array]
   eot_samples: int = 1
   eot_chunk: int = 10
   randomised: bool = False
   penalty: Callable[[Array, Array | None], Array] | None = None
+  latent: LatentSpace | None = None
 
   def expect(self, fn: Callable[[Array | None], Any], key: Array | None) -> Any:
     """fn(key), or its average over `eot_samples` independent keys (float leaves averaged,

@@ -13,7 +13,8 @@ and apgd also `steps` (not fgsm), bim / pgd `step_size_factor`, pgd `restarts` a
 `abort_early`; ddn `steps`, `gamma`, `init_norm`. `apgd_dlr` is apgd with loss=dlr; `apgd_t`
 (targeted APGD-DLR toward each of the `targets` classes ranked after the label) `eps`, `steps`,
 `norm`, `targets`; `square` (score-based: logits only, never a gradient) `eps`, `queries`,
-`p_init`, `norm`.
+`p_init`, `norm`; `latent` (Defense-GAN's latent space, view latent: attacks/latent.py) `eps`,
+`norm`, `steps`, `lr` (Adam), `const` (the margin's weight against ||G(z) - x||^2).
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ from defendpp_jax.attacks import core
 # Table columns in the paper's order (one list for reports and reproduced tables).
 COLUMNS = (('fgsm', 'FGSM'), ('bim', 'BIM'), ('pgd', 'PGD'), ('cw_l2', 'C&W'), ('ddn', 'DDN'),
            ('apgd', 'APGD'), ('apgd_dlr', 'APGD-DLR'))
-NAMES = ('fgsm', 'bim', 'pgd', 'apgd', 'apgd_dlr', 'apgd_t', 'square', 'cw_l2', 'ddn')
-VIEWS = ('auto', 'exact', 'bpda', 'eot', 'bpda+eot', 'oblivious')
+NAMES = ('fgsm', 'bim', 'pgd', 'apgd', 'apgd_dlr', 'apgd_t', 'square', 'latent', 'cw_l2',
+         'ddn')
+VIEWS = ('auto', 'exact', 'bpda', 'eot', 'bpda+eot', 'oblivious', 'latent')
 _COMMON = ('label', 'view', 'eot_samples')
 _SETTINGS = {
     'fgsm': ('eps', 'loss'),
@@ -40,6 +42,7 @@ _SETTINGS = {
     'apgd_dlr': ('eps', 'steps', 'norm'),
     'apgd_t': ('eps', 'steps', 'norm', 'targets'),
     'square': ('eps', 'queries', 'p_init', 'norm'),
+    'latent': ('eps', 'norm', 'steps', 'lr', 'const'),
     'cw_l2': ('binary_steps', 'steps', 'initial_const', 'lr', 'confidence', 'abort_early'),
     'ddn': ('steps', 'gamma', 'init_norm'),
 }
@@ -111,7 +114,7 @@ def make_spec(name: str, *, label: str = '', view: str | None = None,
               norm: str = 'linf', binary_steps: int = 5, initial_const: float = 0.01,
               lr: float = 0.01, confidence: float = 0.0, abort_early: bool = False,
               gamma: float = 0.05, init_norm: float = 1.0, targets: int = 9,
-              queries: int = 5000, p_init: float = 0.8) -> AttackSpec:
+              queries: int = 5000, p_init: float = 0.8, const: float = 1.0) -> AttackSpec:
   """The AttackSpec of attack `name` with these settings (the one place specs are built)."""
   for field, value, kind in (('eps', eps, (int, float)), ('steps', steps, int),
                              ('restarts', restarts, int), ('binary_steps', binary_steps, int),
@@ -156,6 +159,14 @@ def make_spec(name: str, *, label: str = '', view: str | None = None,
       raise ValueError(f"attack square: norm={norm!r} is not 'linf' or 'l2'")
     return AttackSpec('square', {'eps': eps, 'num_queries': queries, 'p_init': float(p_init),
                                  'norm': norm}, norm, eps, queries, loss='margin', **common)
+  if name == 'latent':
+    if norm not in ('linf', 'l2') or lr <= 0 or const <= 0:
+      raise ValueError(f"attack latent: norm={norm!r} must be 'linf' or 'l2', lr={lr!r} and "
+                       f'const={const!r} > 0')
+    common['view'] = view or 'latent'
+    return AttackSpec('latent', {'eps': eps, 'norm': norm, 'num_steps': steps, 'lr': float(lr),
+                                 'const': float(const)}, norm, eps, steps, loss='margin',
+                      **common)
   if name == 'cw_l2':
     kwargs = {'binary_search_steps': binary_steps, 'num_steps': steps,
               'confidence': confidence, 'initial_const': initial_const, 'lr': lr}
@@ -186,6 +197,8 @@ def _defaults(ec: Any, dataset: str, name: str) -> dict[str, Any]:
     return {'eps': eps, 'steps': ec.apgd_steps}
   if name == 'square':
     return {'eps': eps, 'queries': ec.get('square_queries', 5000)}
+  if name == 'latent':
+    return {'eps': eps, 'steps': ec.latent_steps, 'lr': ec.latent_lr}
   if name == 'cw_l2':
     return {'binary_steps': ec.cw_binary_steps, 'steps': ec.cw_steps,
             'initial_const': ec.cw_initial_const, 'lr': ec.cw_lr,

@@ -18,6 +18,8 @@ Views (`config.eval.view`):
   eot        gradients and losses averaged over k draws of the randomness
   bpda+eot   both
   oblivious  the classifier behind the pre-processors (the attacker ignores them: grey-box)
+  latent     the classifier behind a generator's projection, with the generator's latent space
+             (Defense-GAN; what the latent attack searches, attacks/latent.py)
   auto       the strongest the defence declares: bpda+eot / bpda / eot / exact
 """
 
@@ -53,6 +55,7 @@ class Defence:
     penalty: (variables, x, key, bpda) -> per-example penalty a detector-aware attacker
       subtracts from its loss (every view but 'oblivious'; its logits drop the reject column).
     info: facts about the deployed defence for reports (a detector's threshold, ...).
+    latent: variables -> the latent space (attacks.core.LatentSpace) of a generator defence.
   """
   name: str
   apply: ApplyFn
@@ -64,6 +67,7 @@ class Defence:
   rejects: bool = False
   penalty: ApplyFn | None = None
   info: dict[str, Any] = dataclasses.field(default_factory=dict)
+  latent: Callable[[Any], attack_core.LatentSpace] | None = None
   # Draws of its randomness one `apply` already evaluates at once (an averaged defence's
   # passes): an EOT view vmaps eot_chunk // draws_per_call of its draws at a time, so that one
   # vmapped call holds about eot_chunk draws whatever the defence.
@@ -96,6 +100,9 @@ class Defence:
     if view == 'oblivious' and self.behind is None:
       raise ValueError(f'config.eval.view=oblivious: {self.name} has no pre-processor to be '
                        'oblivious of (it is a classifier)')
+    if view == 'latent' and self.latent is None:
+      raise ValueError(f'view latent: {self.name} has no generator whose latent space an '
+                       'attacker could search (only defense_gan has)')
     return view
 
   def attack_model(self, view: str = 'auto', eot_samples: int = 10, eot_chunk: int = 10,
@@ -107,6 +114,10 @@ class Defence:
       behind = self.behind
       return behind.attack_model('auto', eot_samples, eot_chunk,
                                  self.behind_variables(variables))
+    if view == 'latent':
+      inner = self.behind.attack_model('auto', eot_samples, eot_chunk,
+                                       self.behind_variables(variables))
+      return dataclasses.replace(inner, latent=self.latent(variables))
     bpda = 'bpda' in view
     k = eot_samples if 'eot' in view else 1
     if k < 1:
@@ -123,9 +134,9 @@ class Defence:
   def view_settings(self, view: str, eot_samples: int) -> dict[str, Any]:
     """{'view', 'eot_samples'} as an attack with `view` runs (for reports)."""
     view = self.resolve_view(view)
-    if view == 'oblivious':
+    if view in ('oblivious', 'latent'):
       inner = self.behind.view_settings('auto', eot_samples)
-      return {'view': 'oblivious', 'eot_samples': inner['eot_samples']}
+      return {'view': view, 'eot_samples': inner['eot_samples']}
     return {'view': view, 'eot_samples': eot_samples if 'eot' in view else 1}
 
 
@@ -137,6 +148,7 @@ class Preprocessor:
   variables: Any = None
   randomised: bool = False
   stand_ins: tuple[tuple[str, str], ...] = ()
+  latent: Callable[[Any], attack_core.LatentSpace] | None = None  # a generator's projection
 
 
 def preprocess(pre: Preprocessor, classifier: Defence, name: str | None = None) -> Defence:
@@ -154,7 +166,9 @@ def preprocess(pre: Preprocessor, classifier: Defence, name: str | None = None) 
                  {'preprocessor': pre.variables, 'classifier': classifier.variables},
                  randomised=pre.randomised or classifier.randomised,
                  stand_ins=pre.stand_ins + classifier.stand_ins, behind=classifier,
-                 draws_per_call=classifier.draws_per_call)
+                 draws_per_call=classifier.draws_per_call,
+                 latent=None if pre.latent is None else (
+                     lambda variables: pre.latent(variables['preprocessor'])))
 
 
 def averaged(defence: Defence, passes: int, name: str | None = None) -> Defence:

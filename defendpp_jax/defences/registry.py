@@ -23,6 +23,7 @@ from defendpp_jax import data as data_lib
 from defendpp_jax.defences import base
 from defendpp_jax.defences import classifier
 from defendpp_jax.defences import comdefend
+from defendpp_jax.defences import defense_gan
 from defendpp_jax.defences import hgd
 from defendpp_jax.defences import jpeg
 from defendpp_jax.defences import noisy_layers
@@ -157,6 +158,26 @@ def _hgd(config, workdir, ds, trained) -> base.Defence:
                          protected_classifier(config, ds), run_name(config))
 
 
+def projection_settings(config) -> defense_gan.ProjectionSettings:
+  dg = config.defense.defense_gan
+  return defense_gan.ProjectionSettings(dg.restarts, dg.steps, dg.proj_lr, dg.momentum,
+                                        dg.decay_at, dg.decay_factor)
+
+
+def defense_gan_generator(config, ds) -> defense_gan.Generator:
+  dg = config.defense.defense_gan
+  return defense_gan.Generator(tuple(ds.image_shape), dg.latent, dg.width)
+
+
+def _defense_gan(config, workdir, ds, trained) -> base.Defence:
+  """G(z*(x)) in front of the protected classifier, G the run's WGAN-GP generator."""
+  variables = trained if trained is not None else saved.restore_variables(workdir)[0]
+  pre = defense_gan.projection(defense_gan_generator(config, ds),
+                               {'params': variables['params']['generator']},
+                               projection_settings(config), run_name(config))
+  return base.preprocess(pre, protected_classifier(config, ds), run_name(config))
+
+
 def _trained(config, workdir, trained):
   """`trained`, or the latest checkpoint of `workdir` (checked to be this config's model)."""
   if trained is None:
@@ -224,6 +245,7 @@ DEFENCES: dict[str, Builder] = {
     'sap': _sap,
     'rse': _rse,
     'hgd': _hgd,
+    'defense_gan': _defense_gan,
     # training-time defences (training/training_defences.py)
     'distillation': _classifier_run,
     'parseval': _classifier_run,
@@ -243,10 +265,17 @@ CLASSIFIER_RUNS = ('none', 'rse', 'distillation', 'parseval', 'cross_lipschitz',
 # Runs that train several classifiers together (params['member0'], ...).
 ENSEMBLE_RUNS = ('adp',)
 # Runs that train a pre-processor in front of a classifier run.
-TRAINED_PREPROCESSORS = ('comdefend', 'hgd')
+TRAINED_PREPROCESSORS = ('comdefend', 'hgd', 'defense_gan')
 # Defences whose run trains nothing (deployed straight in front of their classifier).
 UNTRAINED = tuple(n for n in NAMES
                   if n not in CLASSIFIER_RUNS + ENSEMBLE_RUNS + TRAINED_PREPROCESSORS)
+
+
+def summary_examples(config: ml_collections.ConfigDict) -> int:
+  """How many test images a run's train summary counts clean accuracy on (0 = all)."""
+  if config.defense.name == 'defense_gan':
+    return config.defense.defense_gan.summary_examples
+  return 0
 
 
 def build(config: ml_collections.ConfigDict, workdir: str, ds: data_lib.Dataset,
@@ -273,6 +302,8 @@ def run_name(config: ml_collections.ConfigDict) -> str:
            'quilting': lambda: f'quilting-k{d.quilting.k}-db{d.quilting.num_patches}',
            'resize_pad': lambda: f'resize_pad-x{d.resize_pad.passes}',
            'sap': lambda: f'sap-{d.sap.after}',
+           'defense_gan': lambda: (f'defense_gan-w{d.defense_gan.width}-r{d.defense_gan.restarts}'
+                                   f'xL{d.defense_gan.steps}'),
            'hgd': lambda: (f'hgd-{d.hgd.arch}-{d.hgd.loss}-w{d.hgd.widths[0]}' +
                            (f'-x{d.hgd.residual_scale:g}' if d.hgd.residual_scale != 1 else ''))}
   if name in names:

@@ -121,11 +121,12 @@ def gradient_checks(defence: Defence, images, labels, results: dict[str, runner.
   x, y = jnp.asarray(images[:num]), jnp.asarray(labels[:num])
   checks = []
   varies = output_varies(defence, x, key)
-  # An oblivious attacker crafts on the classifier behind the pre-processor: without EOT is
-  # right there unless that classifier is itself randomised.
+  # An oblivious attacker crafts on the classifier behind the pre-processor, and the latent
+  # attack on the classifier behind a generator: without EOT is right there unless that
+  # classifier is itself randomised.
   behind_random = defence.behind is not None and defence.behind.randomised
   no_eot = sorted(k for k, r in results.items() if r.eot_samples <= 1 and (
-      r.view != 'oblivious' or behind_random))
+      r.view not in ('oblivious', 'latent') or behind_random))
   random_out = varies > 0
   checks.append(_check(
       'randomised output (same input, two draws: max |logit difference|) attacked with EOT'
@@ -139,7 +140,7 @@ def gradient_checks(defence: Defence, images, labels, results: dict[str, runner.
   used = {(r.view, r.eot_samples) for r in results.values()} or {
       (default['view'], default['eot_samples'])}
   for v, k in sorted(used):
-    if v == 'oblivious':
+    if v in ('oblivious', 'latent'):
       continue  # the gradient of the classifier behind, by design not the defence's
     g = _input_gradients(defence, v, k, eot_chunk, x, y, key)
     zero = float(np.mean(np.all(g.reshape(len(g), -1) == 0, axis=1)))

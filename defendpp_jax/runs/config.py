@@ -115,6 +115,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.eval.apgd_steps = 100
   config.eval.apgd_loss = 'ce'        # ce | dlr
   config.eval.square_queries = 5000   # Square's query budget per example (AutoAttack's)
+  config.eval.latent_steps = 100      # the latent attack (defense_gan): Adam steps on z
+  config.eval.latent_lr = 0.01
   config.eval.cw_binary_steps = 5     # C&W 5 x 20
   config.eval.cw_steps = 20
   config.eval.cw_initial_const = 0.01
@@ -170,6 +172,7 @@ def apply_smoke(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   config.eval.cw_steps = 5
   config.eval.ddn_steps = 5
   config.eval.square_queries = 20
+  config.eval.latent_steps = 5
   config.eval.eps_grid = (0.1, 0.3)
   config.eval.sweep_pgd_steps = 3
   config.eval.sweep_examples = 32

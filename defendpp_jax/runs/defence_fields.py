@@ -19,9 +19,9 @@ def defence_config() -> ml_collections.ConfigDict:
   d = ml_collections.ConfigDict()
   # none | comdefend | gaussian_noise | jpeg | bit_depth | median | feature_squeezing | tv_min
   # | quilting | resize_pad | sap | rse | hgd | distillation | parseval | cross_lipschitz |
-  # deep_defense | adp | adv_bnn (docs/DEFENCES.md, docs/HGD.md). rse and the training-time
-  # defences (distillation ... adv_bnn) train their own classifier; comdefend and hgd train a
-  # pre-processor; the others need no training.
+  # deep_defense | adp | adv_bnn | defense_gan (docs/DEFENCES.md, docs/HGD.md). rse and the
+  # training-time defences (distillation ... adv_bnn) train their own classifier; comdefend,
+  # hgd and defense_gan train a pre-processor; the others need no training.
   d.name = 'none'
   d.classifier_workdir = ''
   # ComDefend (Jia et al. 2019): the run trains the reformer alone on clean images (Adam, as its
@@ -162,4 +162,26 @@ def defence_config() -> ml_collections.ConfigDict:
   d.adv_bnn.prior_sigma = 0.1
   d.adv_bnn.kl_weight = 0.02
   d.adv_bnn.passes = 10
+  # Defense-GAN (Samangouei et al. 2018): the run trains a WGAN-GP on the training images
+  # (Adam(learning_rate, b1, b2) for both nets, critic_steps critic updates per generator
+  # update, each on its own batch; gradient penalty gp_weight) and deploys x -> f(G(z*)), z* the
+  # best of `restarts` x `steps` momentum steps on ||G(z) - x||^2 (proj_lr x decay_factor after
+  # decay_at of the steps), in front of the classifier of classifier_workdir. The train
+  # summary's clean accuracy is on the first summary_examples test images (the projection
+  # costs restarts x steps generator passes per image; 0 = all).
+  d.defense_gan = ml_collections.ConfigDict()
+  d.defense_gan.latent = 128
+  d.defense_gan.width = 64        # the nets' base channels (DCGAN-sized; cpu budget: 32)
+  d.defense_gan.critic_steps = 5
+  d.defense_gan.gp_weight = 10.0
+  d.defense_gan.learning_rate = 1e-4
+  d.defense_gan.b1 = 0.5
+  d.defense_gan.b2 = 0.9
+  d.defense_gan.restarts = 10
+  d.defense_gan.steps = 200
+  d.defense_gan.proj_lr = 10.0
+  d.defense_gan.momentum = 0.7
+  d.defense_gan.decay_at = 0.8
+  d.defense_gan.decay_factor = 0.1
+  d.defense_gan.summary_examples = 500
   return d

@@ -36,8 +36,8 @@ from defendpp_jax.training import batch_norm
 from defendpp_jax.training import recipes
 
 _LOGGED = ('loss', 'ce', 'guide', 'rec_full', 'rec_ms', 'code_penalty', 'cross_lipschitz',
-           'deep_defense', 'kl', 'ensemble_entropy', 'log_det', 'train_accuracy',
-           'learning_rate')
+           'deep_defense', 'kl', 'ensemble_entropy', 'log_det', 'critic_loss', 'wasserstein',
+           'gradient_penalty', 'generator_loss', 'train_accuracy', 'learning_rate')
 
 
 def jit_train_step(step_fn: Callable, mesh: Mesh) -> Callable:
@@ -274,6 +274,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   summary = _summary(config, workdir, ds, run.state, bn_statistics, mesh)
   if recipe.report is not None:
     summary.update(recipe.report(jax.device_get(run.state.params)))
+  if recipe.artifacts is not None and jax.process_index() == 0:
+    summary.update(recipe.artifacts(jax.device_get(run.state.params), workdir))
   if summary['clean_accuracy'] is not None:
     writer.scalars(final_step, {'test_clean_accuracy': summary['clean_accuracy']})
   writer.close()
@@ -302,7 +304,10 @@ def _summary(config, workdir, ds, state, bn_statistics, mesh) -> dict[str, Any]:
     summary.update(clean_accuracy=None, correct=None, seen=len(ds.test_labels))
     return summary
   defence = registry.build(config, workdir, ds, trained=state.variables)
-  correct, seen = runner.clean_counts(defence, ds.test_images, ds.test_labels,
-                                      config.eval.batch_size, mesh)
+  images, labels = ds.test_images, ds.test_labels
+  limit = registry.summary_examples(config)
+  if limit:  # a defence costly to deploy: the first `limit` test images
+    images, labels = images[:limit], labels[:limit]
+  correct, seen = runner.clean_counts(defence, images, labels, config.eval.batch_size, mesh)
   summary.update(clean_accuracy=correct / seen, correct=correct, seen=seen)
   return summary

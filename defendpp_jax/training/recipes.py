@@ -66,6 +66,10 @@ class Recipe:
   precise_bn: bool = False                                # BN statistics may be re-estimated
   description: str = ''
   report: Callable[[Any], dict[str, Any]] | None = None  # final params -> train_summary entries
+  # The recipe's own update instead of `loss` + `tx` (a GAN's critic / generator updates):
+  # (state, images, labels, weights, key, frozen) -> (state, metrics with 'loss').
+  step: Callable[..., Any] | None = None
+  artifacts: Callable[[Any, str], dict[str, Any]] | None = None  # (params, workdir): files
 
 
 def weighted_sum(terms: dict[str, jax.Array], weights: jax.Array,
@@ -81,6 +85,8 @@ def train_step(state: TrainState, images: jax.Array, labels: jax.Array, weights:
                key: jax.Array, frozen: Any = None, *, recipe: Recipe
                ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimiser step of `recipe` on a batch; weights: the term weights of this epoch."""
+  if recipe.step is not None:
+    return recipe.step(state, images, labels, weights, key, frozen)
   step_key = jax.random.fold_in(key, state.step)
   prepared = None
   if recipe.prepare is not None:
@@ -373,8 +379,9 @@ def training_data(config: ml_collections.ConfigDict, ds: data_lib.Dataset,
 def make_recipe(config: ml_collections.ConfigDict, ds: data_lib.Dataset,
                 steps_per_epoch: int) -> Recipe:
   """The recipe of `config.defense.name` ('none': the run trains its classifier)."""
+  from defendpp_jax.training import gan  # pylint: disable=g-import-not-at-top
   from defendpp_jax.training import training_defences  # pylint: disable=g-import-not-at-top
-  known = {**RECIPES, **training_defences.RECIPES}
+  known = {**RECIPES, **training_defences.RECIPES, **gan.RECIPES}
   name = config.defense.name
   if name not in known:
     raise ValueError(f'config.defense.name={name!r} trains nothing (it has no recipe; known: '
