@@ -175,3 +175,23 @@ def test_defense_gan_run_trains_and_deploys(plain_run, tmp_path):
   assert np.isfinite(summary['projection_mse_test16'])
   with open(os.path.join(workdir, 'train_summary.json')) as f:
     assert json.load(f)['samples_png'] == gan.SAMPLES_PNG
+
+
+def test_board_entry_configs(tmp_path):
+  """The board's Defense-GAN modes: oblivious, naive (exact), BPDA + EOT, latent; each in front
+  of the board's plain classifier, with its own attacks."""
+  from defendpp_jax import validate  # pylint: disable=g-import-not-at-top
+  from defendpp_jax.reproduce import runner  # pylint: disable=g-import-not-at-top
+  from defendpp_jax.reproduce import survey  # pylint: disable=g-import-not-at-top
+  d = survey.BY_NAME['defense_gan']
+  modes = survey.modes(d)
+  assert [m.name for m in modes] == ['published', 'naive', 'bpda+eot', 'latent']
+  plain = runner.model_dir(str(tmp_path), 'mnist', 'cpu', 'plain')
+  for mode in modes:
+    c = survey.eval_config(d, mode, 'mnist', 'cpu', str(tmp_path), '', 0)
+    validate.validate_config(c)
+    assert c.defense.classifier_workdir == plain and c.eval.draws == 2
+    attacks = ' '.join(c.eval.attacks)
+    assert ('latent(eps=0.2' in attacks) == (mode.name == 'latent')
+  t = survey._train_config(d, 'mnist', 'cpu', str(tmp_path), '', 0)  # pylint: disable=protected-access
+  assert t.defense.name == 'defense_gan' and t.defense.classifier_workdir == plain

@@ -79,6 +79,8 @@ class SurveyDefence:
   overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
   # Config overrides of its training run (and of its evaluations, which build the same model).
   train_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
+  # Trains a pre-processor in front of the board's plain classifier (Defense-GAN's generator).
+  in_front: bool = False
 
 
 OBLIVIOUS = Mode('published', {'eval.view': 'oblivious'},
@@ -176,7 +178,45 @@ TRAINING_TIME = (
              strong_attacks),), _NOT_IN_TABLE1, randomised=True, trains=True, naive=False,
                   train_overrides={'train.adversarial': 'pgd'}),
 )
-DEFENCES = DEFENCES + TRAINING_TIME
+
+
+def gan_attacks(steps: int, latent: bool = False):
+  """Defense-GAN's entries at both eps: PGD and APGD-DLR with `steps` steps (each step of the
+  exact view differentiates R x L projection steps; of the BPDA + EOT view, runs 10
+  projections), or the latent attack (`latent`: 100 Adam steps on z from the projection's z*)."""
+  def entries(dataset):
+    out = []
+    for eps in (protocol.linf_eps(dataset, 0.0), SMALL_EPS[dataset]):
+      e = f'{eps:.6g}'
+      if latent:
+        out.append(f'latent(eps={e}, steps=100, label=latent_eps{e})')
+      else:
+        out += [f'pgd(eps={e}, steps={steps}, label=pgd{steps}_eps{e})',
+                f'apgd_dlr(eps={e}, steps={steps}, label=apgd_dlr{steps}_eps{e})']
+    return tuple(out)
+  return entries
+
+
+# Defense-GAN at the cpu budget: a width-32 WGAN-GP trained 10 epochs (batch 64: ~1,900
+# generator updates), the projection R = 10 x L = 200 (the reference's). Its exact and BPDA +
+# EOT evaluations run 20-step attacks (cost: docs/DEFENCES.md).
+GAN_TRAIN = {'defense.defense_gan.width': 32, 'train.num_epochs': 10, 'train.batch_size': 64,
+             'train.checkpoint_every_steps': 1000, 'train.log_every_steps': 500}
+DEFENSE_GAN = SurveyDefence(
+    'defense_gan', 'input purification (generative)', dataclasses.replace(
+        OBLIVIOUS, attacks=gan_attacks(100)), (
+        dataclasses.replace(BPDA_EOT, attacks=gan_attacks(20)),
+        Mode('latent', {'eval.view': 'latent'},
+             'latent-space attack (Athalye et al. 2018): 100 Adam steps on z from the '
+             'projection\'s z*, min ||G(z) - x||^2 - margin(f(G(z))), G(z) brought into the ball',
+             gan_attacks(0, latent=True))),
+    'obfuscated-gradients (Athalye et al. 2018), Defense-GAN on MNIST: 55% at L2 0.005 '
+    '(normalised) for the real projection, 0% for the idealised one (latent attack)',
+    randomised=True, trains=True, in_front=True, train_overrides=GAN_TRAIN)
+NAIVE_GAN = dataclasses.replace(NAIVE, attacks=gan_attacks(20),
+                                description=NAIVE.description + ': through the unrolled R x L '
+                                'projection steps (20-step attacks)')
+DEFENCES = DEFENCES + TRAINING_TIME + (DEFENSE_GAN,)
 BY_NAME = {d.name: d for d in DEFENCES}
 # Deep Defense fine-tunes the board's trained plain classifier (as its authors fine-tune).
 FINE_TUNED = ('deep_defense',)
@@ -196,7 +236,7 @@ def attack_entries(dataset: str) -> tuple[str, ...]:
 def modes(d: SurveyDefence) -> list[Mode]:
   out = [d.published]
   if d.naive and d.published.overrides.get('eval.view') != 'exact':
-    out.append(NAIVE)
+    out.append(NAIVE_GAN if d.name == 'defense_gan' else NAIVE)
   return out + list(d.adaptive)
 
 
@@ -205,7 +245,7 @@ def eval_config(d: SurveyDefence, mode: Mode, dataset: str, budget: str, workdir
   config = runner.model_config(dataset, 'plain', budget, workdir, data_dir)
   config.train.seed = seed
   config.defense.name = d.name
-  if not d.trains:
+  if not d.trains or d.in_front:
     config.defense.classifier_workdir = runner.model_dir(workdir, dataset, budget, 'plain')
   if d.trains:
     config.model.conv = 'auto'
@@ -227,6 +267,8 @@ def _train_config(d: SurveyDefence, dataset, budget, workdir, data_dir, seed):
     config.defense.name = d.name
     config.model.conv = 'auto'  # a new model: the faster kernels
     runner._override(config, d.train_overrides)  # pylint: disable=protected-access
+  if d.in_front:
+    config.defense.classifier_workdir = runner.model_dir(workdir, dataset, budget, 'plain')
   if d.name in FINE_TUNED:
     config.train.init_from = runner.model_dir(workdir, dataset, budget, 'plain')
   return config
