@@ -15,6 +15,9 @@ behind Gaussian input noise) and prints EOT-k time / (k x EOT-1 time).
 --hgd --width=8 --input=28x28x1,32x32x3 --batch=32`). --training_defences times the training
 step of each training-time defence against the plain classifier's (`python -m launch.benchmark
 --training_defences --width=8 --input=28x28x1 --batch=64`).
+--autoattack times Square per 1,000 queries and `autoattack` end to end with a breakdown per
+component (launch/benchmark_attacks.py: `python -m launch.benchmark --autoattack --width=16
+--batch=250 --mnist_dir=../shared/data/mnist`).
 --conv=xla,onednn measures the JAX model once per convolution backend (config.model.conv).
 --compare=torch also runs the identical CIFAR-style architecture in PyTorch eager (training step,
 forward, and torchattacks PGD when installed; see requirements-bench.txt). Time nothing else on
@@ -79,6 +82,12 @@ _TRAINING = flags.DEFINE_bool('training_defences', False, 'Instead: the training
                               'training-time defence (distillation, parseval, cross_lipschitz, '
                               'deep_defense, adp, adv_bnn) next to the plain classifier\'s, in '
                               'one run (launch/benchmark_defences.py).')
+_AUTOATTACK = flags.DEFINE_bool('autoattack', False, 'Instead: Square per 1,000 queries and '
+                                'autoattack end to end on MNIST (launch/benchmark_attacks.py).')
+_AA_IMAGES = flags.DEFINE_integer('aa_images', 1000, 'Test images autoattack runs on.')
+_AA_WORKDIR = flags.DEFINE_string('aa_workdir', '', 'The trained MNIST run autoattack attacks '
+                                  '(trained there first if empty of one).')
+_MNIST_DIR = flags.DEFINE_string('mnist_dir', '', 'MNIST IDX files for --autoattack.')
 _OPS = flags.DEFINE_bool('ops', False, 'Also time every distinct convolution of the classifier '
                          'alone: forward, input gradient, weight gradient (where the time goes).')
 
@@ -379,8 +388,26 @@ def _main_defences() -> None:
               flush=True)
 
 
+def _main_autoattack() -> None:
+  from launch import benchmark_attacks  # pylint: disable=g-import-not-at-top
+  for width in (int(w) for w in _WIDTH.value):
+    records = [benchmark_attacks.bench_square(width, (28, 28, 1), _BATCH.value, 1000,
+                                              _REPEATS.value)]
+    records += benchmark_attacks.bench_autoattack(width, _BATCH.value, _AA_IMAGES.value,
+                                                  _MNIST_DIR.value, _AA_WORKDIR.value)
+    for r in records:
+      r['cpu'] = cpu_kind()
+      if _JSON.value:
+        print(json.dumps(r), flush=True)
+    if not _JSON.value:
+      print(f'CPU: {cpu_kind()}\n' + '\n'.join(benchmark_attacks.lines(records)), flush=True)
+
+
 def main(argv):
   del argv
+  if _AUTOATTACK.value:
+    _main_autoattack()
+    return
   if _DEFENCES.value or _HGD.value or _TRAINING.value:
     _main_defences()
     return

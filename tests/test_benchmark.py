@@ -76,3 +76,37 @@ def test_training_defences_benchmark_times_each_recipe_next_to_the_plain_step():
   assert all(r['img_per_s'] > 0 for r in records)
   text = benchmark_defences.ratios(records)
   assert any(t.startswith('cross_lipschitz training step') for t in text)
+
+
+def test_autoattack_benchmark_breakdown_is_the_evaluated_cascade():
+  """The timed breakdown runs the very cascade `evaluate_defence(attacks=('autoattack',))`
+  runs: the same robust accuracy after each component, every component on what was left."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from defendpp_jax import defences
+  from defendpp_jax.evaluation.evaluate import evaluate_defence
+  from launch import benchmark_attacks
+  rng = np.random.default_rng(0)
+  w = jnp.asarray(rng.normal(size=(28 * 28, 10)) * 0.05, jnp.float32)
+  net = defences.from_logits_fn(lambda x: x.reshape(x.shape[0], -1) @ w, name='linear')
+  x = rng.uniform(size=(12, 28, 28, 1)).astype(np.float32)
+  y = np.asarray(jnp.argmax(net.logits({}, jnp.asarray(x)), -1), np.int32)
+  records = benchmark_attacks.autoattack_breakdown(net, x, y, 4, eps=0.02, steps=5,
+                                                   queries=20)
+  report = evaluate_defence(
+      net, x, y, ('autoattack(steps=5, queries=20)',), eps=0.02, batch_size=4)
+  rows = {r['attack']: r['accuracy'] for r in report['rows']}
+  parts = [r for r in records if r['work'] == 'autoattack_component']
+  assert [p['component'] for p in parts] == ['clean', 'autoattack:apgd_ce', 'autoattack:apgd_t',
+                                             'autoattack:square']
+  assert parts[0]['robust_accuracy'] == 1.0 and parts[1]['attacked'] == 12
+  acc = [p['robust_accuracy'] for p in parts]
+  assert acc == sorted(acc, reverse=True)
+  assert records[-1]['work'] == 'autoattack' and records[-1]['robust_accuracy'] == acc[-1]
+  assert {p['component']: p['robust_accuracy'] for p in parts[1:]} == {
+      k: v for k, v in rows.items() if k.startswith('autoattack:')}
+  assert acc[-1] == rows['autoattack'] < 1.0
+  sq = benchmark_attacks.bench_square(2, (28, 28, 1), 2, 10, 1)
+  assert sq['img_per_s_per_1000_queries'] > 0
+  assert len(benchmark_attacks.lines(records + [sq])) == len(records) + 1
