@@ -77,6 +77,8 @@ def test_rse_trains_with_its_noise_on_and_deploys_randomised(tmp_path):
   config = _smoke()
   config.defense.name = 'rse'
   config.defense.rse.passes = 2
+  # EOT over 2 draws of the 2-pass prediction, PGD-3 alone: the eot view is what is tested
+  config.eval.update(eot_samples=2, eot_chunk=2, attacks=('pgd(steps=3)',))
   ds = data_lib.dataset_of(config)
   recipe = recipes.make_recipe(config, ds, 4)
   state = recipe.init(jax.random.key(0))
