@@ -74,7 +74,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                   'loss.full_scale_weight': config.loss.full_scale_weight,
                   'train.noise_std': config.train.noise_std,
                   'train.precise_bn_batches': config.train.get('precise_bn_batches', 0),
-                  'train.weight_decay': config.train.weight_decay}
+                  'train.weight_decay': config.train.weight_decay,
+                  'eval.check_examples': config.eval.get('check_examples', 0)}
   for name, value in non_negative.items():
     if not value >= 0:
       raise ValueError(f'config.{name} must be >= 0, got {value}')

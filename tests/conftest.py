@@ -11,12 +11,30 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_DATA = os.path.join(os.path.dirname(ROOT), 'shared', 'data')
 sys.path.insert(0, ROOT)
 os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', os.path.join(ROOT, '.cache', 'jax'))
+# The tests' programs are small and mostly compiled once: XLA's cheaper CPU backend passes
+# halve the suite's time (compilation dominates it) and change no result beyond the
+# tolerances the tests use. Set before JAX is imported; flags already given are kept.
+FAST_COMPILE_FLAGS = ('--xla_backend_optimization_level=0',
+                      '--xla_llvm_disable_expensive_passes=true')
+
+
+def _with_flags(flags: str, extra=FAST_COMPILE_FLAGS) -> str:
+  given = flags.split()
+  names = {f.split('=')[0] for f in given}
+  return ' '.join(given + [f for f in extra if f.split('=')[0] not in names])
+
+
+os.environ['XLA_FLAGS'] = _with_flags(os.environ.get('XLA_FLAGS', ''))
 
 
 def run_python_args(args, env_extra=None, timeout=600) -> str:
   """Runs `python *args` from the repository root with it on the path; asserts that it
   succeeded (its output in the message if not) and returns its stdout."""
-  env = dict(os.environ, PYTHONPATH=ROOT, **(env_extra or {}))
+  env_extra = dict(env_extra or {})
+  if 'XLA_FLAGS' in env_extra:  # e.g. fake devices: added to the suite's flags
+    env_extra['XLA_FLAGS'] = _with_flags(env_extra['XLA_FLAGS'], tuple(
+        os.environ['XLA_FLAGS'].split()))
+  env = dict(os.environ, PYTHONPATH=ROOT, **env_extra)
   out = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=timeout)
   assert out.returncode == 0, out.stdout + out.stderr

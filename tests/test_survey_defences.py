@@ -674,3 +674,20 @@ def test_a_detector_aware_attack_counts_only_undetected_misclassifications_as_su
   clean = jnp.ones_like(x)
   kept = core.verified(model, x, clean, y, None, None)
   np.testing.assert_array_equal(kept[:, 0, 0], np.stack([clean[0, 0, 0], x[1, 0, 0]]))
+
+
+def test_sanity_checks_on_the_first_examples_compare_with_their_clean_accuracy():
+  """config.eval.check_examples: the check attacks run on the first N examples; PGD at eps 0
+  equals the clean accuracy of those N (over the same draws of a randomised defence)."""
+  images, labels = attack_images()
+  sap = defence_of('sap')
+  rep = evaluation.evaluate_defence(sap, images[:12], labels[:12], attacks=('pgd(steps=2)',),
+                                    dataset='mnist', view='eot', eot_samples=2, eot_chunk=2,
+                                    draws=2, batch_size=12, check_examples=5)
+  eps0 = check_named(rep['sanity_checks'], 'PGD at eps=0')
+  assert '(first 5 examples)' in eps0['name'] and eps0['passed'], eps0
+  assert eps0['value'] in {k / 10 for k in range(11)}  # correct of 5 examples x 2 draws
+  full = evaluation.evaluate_defence(sap, images[:12], labels[:12], attacks=('pgd(steps=2)',),
+                                     dataset='mnist', view='eot', eot_samples=2, eot_chunk=2,
+                                     draws=2, batch_size=12)
+  assert check_named(full['sanity_checks'], 'PGD at eps=0')['expected'] == full['clean_accuracy']

@@ -47,8 +47,8 @@ def run_entries(defence: Defence, images: np.ndarray, labels: np.ndarray,
                 specs: Sequence[specs_lib.AttackSpec], *, batch_size: int, key: jax.Array,
                 view: str, eot_samples: int, eot_chunk: int, draws: int,
                 source: Defence | None = None, thresholds=(), progress: bool = True,
-                transfer_from: Defence | None = None, worst_case: bool = False
-                ) -> dict[str, Any]:
+                transfer_from: Defence | None = None, worst_case: bool = False,
+                check_examples: int = 0) -> dict[str, Any]:
   """The rows, transfer rows and checks of one evaluation of `defence` (no files written).
 
   `worst_case` (config.eval.worst_case): the eps-bounded attacks run as a cascade (AutoAttack's
@@ -78,7 +78,8 @@ def run_entries(defence: Defence, images: np.ndarray, labels: np.ndarray,
   checks = diagnostics.sanity_checks(defence, images, labels, clean_acc, results, batch_size,
                                      key, transfer, view=view, eot_samples=eot_samples,
                                      eot_chunk=eot_chunk, draws=draws,
-                                     alive=clean if source is None else None)
+                                     alive=clean if source is None else None,
+                                     num=check_examples)
   if source is None:  # the gradients attacked are the defence's own
     checks += diagnostics.gradient_checks(defence, images, labels, results, key, view,
                                           eot_samples, eot_chunk)
@@ -192,7 +193,7 @@ def evaluate_defence(defence: Defence, images: np.ndarray, labels: np.ndarray,
                        specs, batch_size=batch_size, key=jax.random.key(seed), view=view,
                        eot_samples=eot_samples, eot_chunk=eot_chunk, draws=draws,
                        thresholds=protocol.l2_thresholds(dataset), progress=progress,
-                       worst_case=ec.worst_case)
+                       worst_case=ec.worst_case, check_examples=ec.check_examples)
   return {'model': defence.name, 'dataset': dataset, 'step': None, **report}
 
 
@@ -225,7 +226,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, progress: bool = T
       eot_samples=ec.eot_samples, eot_chunk=ec.eot_chunk, draws=ec.draws, source=attack_source,
       thresholds=protocol.l2_thresholds(config.data.name, ec.l2_thresholds), progress=progress,
       transfer_from=source if ec.threat_model != 'transfer' else None,
-      worst_case=ec.get('worst_case', False))
+      worst_case=ec.get('worst_case', False), check_examples=ec.check_examples)
   transfer_rows = report.pop('transfer_rows')
   report = {
       'model': target.name, 'workdir': os.path.abspath(workdir), 'step': step,

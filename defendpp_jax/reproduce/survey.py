@@ -206,6 +206,10 @@ def gan_attacks(steps: int, latent: bool = False, pgd_only: bool = False):
 GAN_TRAIN = {'defense.defense_gan.width': 16, 'train.num_epochs': 10, 'train.batch_size': 64,
              'train.checkpoint_every_steps': 1000, 'train.log_every_steps': 500}
 GAN_COSTLY = {'eval.num_examples': 20, 'eval.draws': 1}
+# Every mode's sanity checks (PGD-5 at eps 0 and PGD-20 at eps 1 in the strongest view, BPDA +
+# EOT, whatever the mode) on the first 20 images, EOT over 4 draws: over all 100 with EOT-10
+# they alone would take ~4 h here.
+GAN_CHECKS = {'eval.check_examples': 20, 'eval.eot_samples': 4}
 DEFENSE_GAN = SurveyDefence(
     'defense_gan', 'input purification (generative)', dataclasses.replace(
         OBLIVIOUS, attacks=gan_attacks(100)), (
@@ -218,7 +222,8 @@ DEFENSE_GAN = SurveyDefence(
              gan_attacks(0, latent=True))),
     'obfuscated-gradients (Athalye et al. 2018), Defense-GAN on MNIST: 55% at L2 0.005 '
     '(normalised) for the real projection, 0% for the idealised one (latent attack)',
-    randomised=True, trains=True, in_front=True, train_overrides=GAN_TRAIN)
+    randomised=True, trains=True, in_front=True, train_overrides=GAN_TRAIN,
+    overrides=GAN_CHECKS)
 NAIVE_GAN = Mode('naive', {'eval.view': 'exact', **GAN_COSTLY},
                  NAIVE.description + ': through the unrolled R x L projection steps; PGD-10, '
                  '20 images, 1 draw', gan_attacks(10, pgd_only=True))

@@ -106,6 +106,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   # per-example worst case over it and the rows above it (marked worst_case in the report).
   config.eval.worst_case = False
   config.eval.num_examples = 1000     # first N test images; 0 = the whole test split
+  # The sanity checks' two attacks (PGD at eps 0 and eps 1) on the first N evaluated images
+  # only (0 = all of them): for defences whose attack steps cost seconds an image.
+  config.eval.check_examples = 0
   config.eval.classes = ()            # only test images of these classes (() = all)
   config.eval.eps = 0.0               # L-inf eps; 0 = per dataset (0.2 MNIST, 0.05 CIFAR-10)
   config.eval.step_size_factor = 2.5  # BIM / PGD step = factor * eps / steps (Madry et al.)
