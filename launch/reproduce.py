@@ -17,6 +17,15 @@ front of the same trained classifier, as published and adaptively (defendpp_jax/
 survey.py); --datasets / --defences restrict the run (the results file keeps the other rows).
 Writes RESULTS_DIR/survey_transforms.json / .md and, at the cpu budget, docs/DEFENCES.md.
 
+--paper=survey --table=board: one row per defence in the lab (defendpp_jax/reproduce/board.py):
+the undefended net, Defend++ (+ GN), ComDefend, adversarial training (FGSM / PGD / DDN), HGD's
+LGD and every survey defence, at one eps per dataset (MNIST 0.2; CIFAR-10 0.05 and 8/255): clean,
+as published, autoattack (or autoattack_rand), the strongest adaptive mode, robust (the worse of
+the two), the gap and the checks that fired. --defences takes row sources (plain, ours, ours_gn,
+comdefend, adv_fgsm, adv_pgd, adv_ddn, hgd_lgd, jpeg, ...); the survey rows share their
+evaluations with --table=transforms. Writes RESULTS_DIR/survey_board.json / .md and the board's
+section of docs/DEFENCES.md.
+
 --paper=hgd --table=2|3|4|5|8|9: HGD's tables (defendpp_jax/reproduce/hgd_cvpr2018.py): the
 target ResNet-18, its training ensemble (VGG16, ResNet-50), the held-out ResNet-34 and the
 denoisers, each trained once in WORKDIR/<dataset>-<budget>/ and shared by every table. Writes
@@ -48,7 +57,7 @@ _CIFAR = flags.DEFINE_string('cifar10_dir', '', 'CIFAR-10 python batches ("" = t
 _SEED = flags.DEFINE_integer('seed', 0, 'Training seed of every model.')
 _DATASETS = flags.DEFINE_list('datasets', list(survey.DATASETS),
                               'Survey / HGD: datasets to run.')
-_DEFENCES = flags.DEFINE_list('defences', [], 'Survey: defences to run ([] = all).')
+_DEFENCES = flags.DEFINE_list('defences', [], 'Survey: defences (board: row sources) to run ([] = all).')
 _DOCS = flags.DEFINE_string('docs', '', 'Survey / HGD: the document written ("" = '
                             'docs/DEFENCES.md / docs/HGD.md at the cpu budget, none otherwise).')
 flags.mark_flags_as_required(['table', 'workdir'])

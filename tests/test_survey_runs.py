@@ -20,6 +20,7 @@ from defendpp_jax import evaluation
 from defendpp_jax import training
 from defendpp_jax import validate
 from defendpp_jax.defences import registry
+from defendpp_jax.reproduce import board
 from defendpp_jax.reproduce import survey
 from defendpp_jax.training import recipes
 
@@ -138,7 +139,35 @@ def test_survey_board_writes_results_and_resumes(tmp_path):
   with pytest.raises(ValueError, match='--defences'):
     survey.run_survey('transforms', **{**kwargs, 'defences': ('nope',)})
   with pytest.raises(ValueError, match='--table'):
-    survey.run_survey('board', **kwargs)
+    survey.run_survey('nope', **kwargs)
+  # The board of every defence: bit_depth's published and adaptive evaluations are the
+  # transforms table's (reused, not re-run); autoattack and the undefended net's are new.
+  res = survey.run_survey('board', **{**kwargs, 'defences': ('bit_depth', 'plain')})
+  rows = res['datasets']['mnist']['rows']
+  assert [r['defence'] for r in rows] == ['plain (no defence)', 'bit_depth']
+  assert [m['mode'] for m in rows[1]['modes']] == ['published', 'naive', 'bpda', 'autoattack']
+  assert [m['eval_dir'] for m in rows[1]['modes'][:3]] == evals[:3]
+  assert [os.path.getmtime(os.path.join(d, 'robustness.json')) for d in evals] == mtimes
+  for r in rows:
+    assert sorted(r['columns']) == ['0.2']  # the board's one MNIST eps
+    c = r['columns']['0.2']
+    aa = next(m for m in r['modes'] if m['mode'] == 'autoattack')['per_eps']['0.2']
+    # the ensemble's row is the per-image worst case: never above any of its components
+    assert aa['accuracy'] == aa['attacks']['autoattack_eps0.2']['accuracy'] == c['autoattack']
+    assert sorted(aa['attacks']) == ['autoattack_eps0.2', 'autoattack_eps0.2:apgd_ce',
+                                     'autoattack_eps0.2:apgd_t', 'autoattack_eps0.2:square']
+    assert all(a['accuracy'] >= c['autoattack'] for a in aa['attacks'].values())
+    assert c['robust'] == min(c['autoattack'], c['adaptive'])
+    adaptive = [m['per_eps']['0.2']['accuracy'] for m in r['modes']
+                if m['mode'] not in ('published', 'autoattack')]
+    assert c['adaptive'] == min(adaptive)  # the strongest adaptive mode, naive included
+    assert c['gap'] == pytest.approx(c['published'] - c['adaptive'])
+  assert rows[0]['columns']['0.2']['adaptive_mode'] == 'strong'
+  board_doc = (tmp_path / 'DEFENCES.md').read_text()
+  assert survey_marker_count(board_doc) == 2 and '| bit_depth |' in board_doc
+  assert board_doc.count(board.START) == 1 and 'Not measured yet on mnist: Defend++' in board_doc
+  saved = json.loads((tmp_path / 'results' / 'survey_board_smoke.json').read_text())
+  assert saved['datasets']['mnist']['rows'][1]['columns'] == rows[1]['columns']
 
 
 def survey_marker_count(doc: str) -> int:

@@ -34,7 +34,7 @@ from defendpp_jax import protocol
 from defendpp_jax.reproduce import runner
 from defendpp_jax.reproduce import survey_report
 
-TABLES = ('transforms',)
+TABLES = ('transforms', 'board')  # board: defendpp_jax/reproduce/board.py
 DATASETS = ('mnist', 'cifar10')
 # The smaller eps of each dataset (the tables' are protocol.LINF_EPS: 0.2 MNIST, 0.05 CIFAR-10).
 SMALL_EPS = {'mnist': 0.1, 'cifar10': 8 / 255}
@@ -329,6 +329,10 @@ def run_survey(table: str, workdir: str, budget: str = 'cpu',
   results/survey_<table>[_<budget>].json / .md and the board into `docs_path` (if given)."""
   if table not in TABLES:
     raise ValueError(f'--table={table!r} is not one of the survey tables {TABLES}')
+  if table == 'board':
+    from defendpp_jax.reproduce import board  # pylint: disable=g-import-not-at-top
+    return board.run_board(workdir, budget, data_dirs, results_dir, docs_path, seed, datasets,
+                           defences)
   unknown = sorted(set(defences or ()) - set(BY_NAME))
   if unknown:
     raise ValueError(f'--defences: unknown {unknown}; known: {tuple(BY_NAME)}')
