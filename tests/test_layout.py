@@ -75,3 +75,23 @@ def test_modules_stay_readable():
         with open(os.path.join(root, f)) as fh:
           n = sum(1 for _ in fh)
         assert n <= 400, f'{os.path.join(root, f)} has {n} lines'
+
+
+def test_configs_base_documents_every_training_time_defence_field():
+  """configs/base.py names every training-time defence and each of its fields (a field added
+  without a line there fails), and builds the configs its argument names."""
+  import pytest  # pylint: disable=g-import-not-at-top
+  from configs import base  # pylint: disable=g-import-not-at-top
+  from defendpp_jax.runs import config as presets  # pylint: disable=g-import-not-at-top
+  doc = base.__doc__
+  defence = presets.get_base_config().defense
+  for name in ('distillation', 'parseval', 'cross_lipschitz', 'deep_defense', 'adp', 'adv_bnn',
+               'rse'):
+    assert f'`{name}`' in doc, name
+    for field in defence[name]:
+      assert f'.{field}`' in doc, f'config.defense.{name}.{field} is not in configs/base.py'
+  assert base.get_config('mnist').to_dict() == presets.dataset_config('mnist').to_dict()
+  assert base.get_config('cifar10,smoke').model.width == 4
+  assert base.get_config().to_dict() == presets.get_base_config().to_dict()
+  with pytest.raises(ValueError, match='configs/base.py'):
+    base.get_config('imagenet')

@@ -171,7 +171,7 @@ def defence_config() -> ml_collections.ConfigDict:
   # costs restarts x steps generator passes per image; 0 = all).
   d.defense_gan = ml_collections.ConfigDict()
   d.defense_gan.latent = 128
-  d.defense_gan.width = 64        # the nets' base channels (DCGAN-sized; cpu budget: 32)
+  d.defense_gan.width = 64        # the nets' base channels (DCGAN-sized; cpu budget: 16)
   d.defense_gan.critic_steps = 5
   d.defense_gan.gp_weight = 10.0
   d.defense_gan.learning_rate = 1e-4
