@@ -99,7 +99,7 @@ def test_autoattack_benchmark_breakdown_is_the_evaluated_cascade():
   rows = {r['attack']: r['accuracy'] for r in report['rows']}
   parts = [r for r in records if r['work'] == 'autoattack_component']
   assert [p['component'] for p in parts] == ['clean', 'autoattack:apgd_ce', 'autoattack:apgd_t',
-                                             'autoattack:square']
+                                             'autoattack:fab_t', 'autoattack:square']
   assert parts[0]['robust_accuracy'] == 1.0 and parts[1]['attacked'] == 12
   acc = [p['robust_accuracy'] for p in parts]
   assert acc == sorted(acc, reverse=True)

@@ -154,11 +154,12 @@ def test_autoattack_entry_expands_to_its_components():
   parts = specs_lib.attack_specs(_eval_config(('autoattack(eps=0.1, queries=40)',
                                                'autoattack_rand')), 'mnist')
   assert [p.key for p in parts] == ['autoattack:apgd_ce', 'autoattack:apgd_t',
-                                    'autoattack:square', 'autoattack_rand:apgd_ce',
-                                    'autoattack_rand:apgd_dlr']
-  assert parts[2].kwargs['num_queries'] == 40 and all(p.eps == 0.1 for p in parts[:3])
+                                    'autoattack:fab_t', 'autoattack:square',
+                                    'autoattack_rand:apgd_ce', 'autoattack_rand:apgd_dlr']
+  assert parts[3].kwargs['num_queries'] == 40 and all(p.eps == 0.1 for p in parts[:4])
   assert parts[1].kwargs['num_targets'] == 9 and parts[0].loss == 'ce'
-  assert all(p.view == 'eot' and p.eot_samples == 20 for p in parts[3:])
+  assert parts[2].kwargs == {'eps': 0.1, 'num_steps': 5, 'norm': 'linf', 'num_targets': 9}
+  assert all(p.view == 'eot' and p.eot_samples == 20 for p in parts[4:])
   with pytest.raises(ValueError, match='unknown setting'):
     specs_lib.attack_specs(_eval_config(('autoattack(loss=ce)',)), 'mnist')
   with pytest.raises(ValueError, match="'linf' or 'l2'"):
@@ -179,10 +180,11 @@ def test_autoattack_is_never_above_any_component():
   rows = {r['attack']: r for r in out['rows']}
   aa = rows['autoattack']
   assert aa['settings']['components'] == ['autoattack:apgd_ce', 'autoattack:apgd_t',
-                                          'autoattack:square']
+                                          'autoattack:fab_t', 'autoattack:square']
   assert aa['correct'] == rows['autoattack:square']['correct']
-  for k in ('autoattack:apgd_ce', 'autoattack:apgd_t', 'autoattack:square', 'apgd_alone',
-            'square_alone'):
+  for k in ('autoattack:apgd_ce', 'autoattack:apgd_t', 'autoattack:fab_t', 'autoattack:square',
+            'apgd_alone', 'square_alone'):
     assert aa['correct'] <= rows[k]['correct'], k
   assert rows['autoattack:apgd_t']['correct'] <= rows['autoattack:apgd_ce']['correct']
+  assert rows['autoattack:fab_t']['correct'] <= rows['autoattack:apgd_t']['correct']
   assert any('Square' in c['name'] for c in out['sanity_checks'])

@@ -155,7 +155,8 @@ def test_survey_board_writes_results_and_resumes(tmp_path):
     # the ensemble's row is the per-image worst case: never above any of its components
     assert aa['accuracy'] == aa['attacks']['autoattack_eps0.2']['accuracy'] == c['autoattack']
     assert sorted(aa['attacks']) == ['autoattack_eps0.2', 'autoattack_eps0.2:apgd_ce',
-                                     'autoattack_eps0.2:apgd_t', 'autoattack_eps0.2:square']
+                                     'autoattack_eps0.2:apgd_t', 'autoattack_eps0.2:fab_t',
+                                     'autoattack_eps0.2:square']
     assert all(a['accuracy'] >= c['autoattack'] for a in aa['attacks'].values())
     assert c['robust'] == min(c['autoattack'], c['adaptive'])
     adaptive = [m['per_eps']['0.2']['accuracy'] for m in r['modes']

@@ -35,6 +35,7 @@ from defendpp_jax.attacks.bounded import apgd_targeted
 from defendpp_jax.attacks.bounded import bim
 from defendpp_jax.attacks.bounded import fgsm
 from defendpp_jax.attacks.bounded import pgd
+from defendpp_jax.attacks.boundary import fab_targeted
 from defendpp_jax.attacks.core import LOSSES
 from defendpp_jax.attacks.core import AttackModel
 from defendpp_jax.attacks.core import LatentSpace
@@ -54,4 +55,4 @@ from defendpp_jax.attacks.minimal_norm import cw_l2
 from defendpp_jax.attacks.minimal_norm import ddn
 
 ATTACKS = {'fgsm': fgsm, 'bim': bim, 'pgd': pgd, 'cw_l2': cw_l2, 'ddn': ddn, 'apgd': apgd,
-           'apgd_t': apgd_targeted, 'square': square, 'latent': latent}
+           'apgd_t': apgd_targeted, 'fab_t': fab_targeted, 'square': square, 'latent': latent}

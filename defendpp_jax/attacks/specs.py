@@ -12,7 +12,8 @@ and apgd also `steps` (not fgsm), bim / pgd `step_size_factor`, pgd `restarts` a
 `norm`. Minimal-norm: cw_l2 `binary_steps`, `steps`, `initial_const`, `lr`, `confidence`,
 `abort_early`; ddn `steps`, `gamma`, `init_norm`. `apgd_dlr` is apgd with loss=dlr; `apgd_t`
 (targeted APGD-DLR toward each of the `targets` classes ranked after the label) `eps`, `steps`,
-`norm`, `targets`; `square` (score-based: logits only, never a gradient) `eps`, `queries`,
+`norm`, `targets`; `fab_t` (FAB-T: the targeted minimal-norm boundary attack, broken = its
+closest point within eps) `eps`, `steps`, `norm`, `targets`; `square` (score-based: logits only, never a gradient) `eps`, `queries`,
 `p_init`, `norm`; `latent` (Defense-GAN's latent space, view latent: attacks/latent.py) `eps`,
 `norm`, `steps`, `lr` (Adam), `const` (the margin's weight against ||G(z) - x||^2).
 """
@@ -30,8 +31,8 @@ from defendpp_jax.attacks import core
 # Table columns in the paper's order (one list for reports and reproduced tables).
 COLUMNS = (('fgsm', 'FGSM'), ('bim', 'BIM'), ('pgd', 'PGD'), ('cw_l2', 'C&W'), ('ddn', 'DDN'),
            ('apgd', 'APGD'), ('apgd_dlr', 'APGD-DLR'))
-NAMES = ('fgsm', 'bim', 'pgd', 'apgd', 'apgd_dlr', 'apgd_t', 'square', 'latent', 'cw_l2',
-         'ddn')
+NAMES = ('fgsm', 'bim', 'pgd', 'apgd', 'apgd_dlr', 'apgd_t', 'fab_t', 'square', 'latent',
+         'cw_l2', 'ddn')
 VIEWS = ('auto', 'exact', 'bpda', 'eot', 'bpda+eot', 'oblivious', 'latent')
 _COMMON = ('label', 'view', 'eot_samples')
 _SETTINGS = {
@@ -41,6 +42,7 @@ _SETTINGS = {
     'apgd': ('eps', 'loss', 'steps', 'norm'),
     'apgd_dlr': ('eps', 'steps', 'norm'),
     'apgd_t': ('eps', 'steps', 'norm', 'targets'),
+    'fab_t': ('eps', 'steps', 'norm', 'targets'),
     'square': ('eps', 'queries', 'p_init', 'norm'),
     'latent': ('eps', 'norm', 'steps', 'lr', 'const'),
     'cw_l2': ('binary_steps', 'steps', 'initial_const', 'lr', 'confidence', 'abort_early'),
@@ -152,6 +154,12 @@ def make_spec(name: str, *, label: str = '', view: str | None = None,
     return AttackSpec('apgd_t', {'eps': eps, 'num_steps': steps, 'norm': norm,
                                  'num_targets': targets}, norm, eps, steps, restarts=targets,
                       loss='dlr', **common)
+  if name == 'fab_t':
+    if norm not in ('linf', 'l2'):
+      raise ValueError(f"attack fab_t: norm={norm!r} is not 'linf' or 'l2'")
+    return AttackSpec('fab_t', {'eps': eps, 'num_steps': steps, 'norm': norm,
+                                'num_targets': targets}, norm, eps, steps, restarts=targets,
+                      loss='margin', **common)
   if name == 'square':
     if not 0.0 < p_init <= 1.0:
       raise ValueError(f'attack square: p_init={p_init!r} must be in (0, 1]')
@@ -193,7 +201,7 @@ def _defaults(ec: Any, dataset: str, name: str) -> dict[str, Any]:
             'restarts': ec.pgd_restarts}
   if name == 'apgd':
     return {'eps': eps, 'steps': ec.apgd_steps, 'loss': ec.apgd_loss}
-  if name in ('apgd_dlr', 'apgd_t'):
+  if name in ('apgd_dlr', 'apgd_t', 'fab_t'):
     return {'eps': eps, 'steps': ec.apgd_steps}
   if name == 'square':
     return {'eps': eps, 'queries': ec.get('square_queries', 5000)}
@@ -209,13 +217,13 @@ def _defaults(ec: Any, dataset: str, name: str) -> dict[str, Any]:
                    f'{NAMES + tuple(ENSEMBLES)}')
 
 
-# AutoAttack (Croce & Hein 2020) as one entry: its components in the published order, each
-# run only on the examples the ones before it did not break (evaluation.evaluate). FAB-T is not
-# among them (minimal-norm and not implemented here); `autoattack_rand` is the version for
-# randomised defences (APGD-CE and APGD-DLR with EOT over 20 draws).
+# AutoAttack (Croce & Hein 2020) as one entry: its components in the published order (APGD-CE,
+# APGD-T, FAB-T, Square), each run only on the examples the ones before it did not break
+# (evaluation.evaluate); `autoattack_rand` is the version for randomised defences (APGD-CE and
+# APGD-DLR with EOT over 20 draws).
 ENSEMBLES = {
     'autoattack': (('apgd', {'loss': 'ce'}, 'apgd_ce'), ('apgd_t', {}, 'apgd_t'),
-                   ('square', {}, 'square')),
+                   ('fab_t', {}, 'fab_t'), ('square', {}, 'square')),
     'autoattack_rand': (('apgd', {'loss': 'ce', 'view': 'eot', 'eot_samples': 20}, 'apgd_ce'),
                         ('apgd_dlr', {'view': 'eot', 'eot_samples': 20}, 'apgd_dlr')),
 }

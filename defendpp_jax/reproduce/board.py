@@ -9,7 +9,7 @@ A row per defence — the undefended net, Defend++ and its GN variant, ComDefend
 training (FGSM, PGD, DDN), HGD's LGD, every input transformation, randomised and training-time
 defence of the survey, Defense-GAN — on each dataset, at one eps per dataset (BOARD_EPS: the
 tables' 0.2 on MNIST; 0.05 and 8/255 on CIFAR-10), with: its clean accuracy; its accuracy as
-its authors evaluated it; under `autoattack` (APGD-CE -> APGD-T -> Square, the worst case per
+its authors evaluated it; under `autoattack` (APGD-CE -> APGD-T -> FAB-T -> Square, the worst case per
 image; `autoattack_rand`, APGD-CE and APGD-DLR with EOT 20, for randomised defences) on the
 deployed model as it is (the exact view: what a user who runs AutoAttack on it gets); under
 its specific adaptive attacks (the strongest of: the exact gradient of the whole pipeline, BPDA /
@@ -75,7 +75,8 @@ def autoattack_mode(randomised: bool) -> survey.Mode:
   name = 'autoattack_rand' if randomised else 'autoattack'
   desc = ('autoattack_rand: APGD-CE -> APGD-DLR, 100 steps, EOT 20, on the deployed model as '
           'it is (exact view)' if randomised else
-          'autoattack: APGD-CE -> APGD-T (9 targets) -> Square (5,000 queries), 100 steps, on '
+          'autoattack: APGD-CE -> APGD-T (9 targets) -> FAB-T (9 targets) -> Square (5,000 '
+          'queries), 100 steps, on '
           'the deployed model as it is (exact view)')
   return survey.Mode('autoattack', {'eval.view': 'exact'}, desc,
                      _at_board_eps(lambda e: [f'{name}(eps={e}, label={name}_eps{e})']))
@@ -372,7 +373,7 @@ def markdown(result: dict[str, Any]) -> str:
   lines = [f'## The board: every defence in the lab (budget `{result["budget"]}`, seed '
            f'{result["seed"]})', '',
            'Accuracy in % at each eps (L-inf). as published = its authors\' evaluation; '
-           'autoattack = APGD-CE -> APGD-T -> Square on the deployed model as it is '
+           'autoattack = APGD-CE -> APGD-T -> FAB-T -> Square on the deployed model as it is '
            '(`autoattack_rand`, APGD-CE and APGD-DLR with EOT 20, for randomised defences), the '
            'worst case per image; adaptive = the strongest of its adaptive modes (the '
            'exact gradient of the whole pipeline, BPDA, EOT, the detector-aware or latent attack, '

@@ -21,6 +21,7 @@ import ml_collections
 from defendpp_jax import evaluation
 from defendpp_jax import files
 from defendpp_jax import training
+from defendpp_jax.attacks import specs as specs_lib
 from defendpp_jax.attacks.specs import COLUMNS
 from defendpp_jax.evaluation import reporting
 from defendpp_jax.reproduce.defendpp_mm2020 import BUDGETS
@@ -80,6 +81,14 @@ def _same_config(saved: dict[str, Any], config: ml_collections.ConfigDict) -> bo
   return config_lib.migrate_config(saved) == config_lib.as_saved_json(config)
 
 
+def _has_every_row(report: dict[str, Any], config: ml_collections.ConfigDict) -> bool:
+  """Whether a saved report has a row for every attack its config runs today: an ensemble
+  entry (autoattack) whose components changed since is evaluated again, not reused."""
+  specs = specs_lib.attack_specs(config.eval, config.data.name)
+  wanted = {s.key for s in specs} | {s.group for s in specs if s.group}
+  return wanted <= {r['attack'] for r in report.get('rows', ())}
+
+
 def _train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   path = os.path.join(workdir, 'train_summary.json')
   if os.path.isfile(path):
@@ -106,7 +115,7 @@ def _evaluate(config: ml_collections.ConfigDict, workdir: str, out_dir: str
       with open(path) as f:
         report = json.load(f)
       if (_same_config(report['config'], config)
-          and report['workdir'] == os.path.abspath(workdir)):
+          and report['workdir'] == os.path.abspath(workdir) and _has_every_row(report, config)):
         return report, d
   return evaluation.evaluate(config, workdir, progress=True, out_dir=out_dir), out_dir
 
