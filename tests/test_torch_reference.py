@@ -72,3 +72,21 @@ def test_torch_resnet18_is_our_classifier_with_either_padding(shape):
       np.testing.assert_allclose(net(tx).numpy(), logits[padding], rtol=1e-4, atol=1e-4)
   # The two paddings are two functions of the same weights: where the stride-2 windows sit.
   assert np.abs(logits['torch'] - logits['same']).max() > 1e-3
+
+
+def test_the_torch_wrapper_of_a_jax_model_has_its_logits_and_input_gradients():
+  """launch.torch_autoattack's module: torch's forward and backward are the JAX function's
+  (batches of any size, padded inside)."""
+  from launch import torch_autoattack  # pylint: disable=g-import-not-at-top
+  w = jax.random.normal(jax.random.key(0), (4 * 4 * 2, 3))
+  fn = lambda x: jnp.tanh(x.reshape(x.shape[0], -1) @ w)
+  net = torch_autoattack.torch_module(fn, max_batch=8)
+  x = np.asarray(jax.random.uniform(jax.random.key(1), (5, 4, 4, 2)))
+  xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).requires_grad_()
+  out = net(xt)
+  np.testing.assert_allclose(out.detach().numpy(), np.asarray(fn(jnp.asarray(x))), atol=1e-5)
+  ct = np.arange(15, dtype=np.float32).reshape(5, 3) / 15
+  out.backward(torch.from_numpy(ct))
+  want = jax.vjp(fn, jnp.asarray(x))[1](jnp.asarray(ct))[0]
+  np.testing.assert_allclose(xt.grad.numpy(), np.asarray(want).transpose(0, 3, 1, 2),
+                             atol=1e-5)
