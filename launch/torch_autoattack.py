@@ -20,6 +20,7 @@ only).
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -48,6 +49,11 @@ _N = flags.DEFINE_integer('num_examples', 100, 'First test images attacked.')
 _BATCH = flags.DEFINE_integer('batch_size', 100, 'Batch size of both implementations.')
 _SEED = flags.DEFINE_integer('seed', 0, 'Seed of both.')
 _OUT = flags.DEFINE_string('out', '', 'JSON file to write (else only printed).')
+# The published names of AutoAttack's components, and ours.
+COMPONENTS = {'apgd-ce': ('apgd', {'loss': 'ce'}, 'apgd_ce'), 'apgd-t': ('apgd_t', {}, 'apgd_t'),
+              'fab-t': ('fab_t', {}, 'fab_t'), 'square': ('square', {}, 'square')}
+_COMPONENTS = flags.DEFINE_list('components', list(COMPONENTS), 'The cascade run by both, in '
+                                'order (a subset compares single components: --components=fab-t).')
 flags.mark_flags_as_required(['workdir', 'eps'])
 
 
@@ -89,17 +95,31 @@ def torch_module(logits_fn, max_batch: int):
   return Module().eval()
 
 
+def our_specs(dataset: str, eps: float, components) -> list[specs_lib.AttackSpec]:
+  """Our cascade of `components` (published names) at eps, AutoAttack's standard budgets."""
+  ec = config_lib.get_base_config().eval
+  unknown = sorted(set(components) - set(COMPONENTS))
+  if unknown:
+    raise ValueError(f'--components: unknown {unknown}; known: {list(COMPONENTS)}')
+  out = []
+  for c in components:
+    attack, fixed, part = COMPONENTS[c]
+    kwargs = {**specs_lib._defaults(ec, dataset, attack), 'eps': eps, **fixed}  # pylint: disable=protected-access
+    out.append(dataclasses.replace(specs_lib.make_spec(attack, **kwargs,
+                                                       label=f'autoattack:{part}'),
+                                   group='autoattack'))
+  return out
+
+
 def compare(defence, images: np.ndarray, labels: np.ndarray, dataset: str, eps: float,
-            batch_size: int, seed: int) -> dict:
-  """Both AutoAttacks on `defence` (deterministic) over (images, labels)."""
+            batch_size: int, seed: int, components=tuple(COMPONENTS)) -> dict:
+  """Both AutoAttacks (`components`, in order) on `defence` (deterministic)."""
   import torch  # pylint: disable=g-import-not-at-top
   from autoattack import AutoAttack  # pylint: disable=g-import-not-at-top
 
   if defence.randomised:
     raise ValueError(f'{defence.name} is randomised: compare deterministic defences only')
-  ec = config_lib.get_base_config().eval
-  ec.attacks = (f'autoattack(eps={eps})',)
-  specs = specs_lib.attack_specs(ec, dataset)
+  specs = our_specs(dataset, eps, components)
   ours = evaluation.ensemble_results(
       defence, images, labels, specs, batch_size, jax.random.key(seed), draws=1,
       view='exact', eot_samples=1, eot_chunk=1, progress=False)
@@ -112,6 +132,7 @@ def compare(defence, images: np.ndarray, labels: np.ndarray, dataset: str, eps: 
   torch.manual_seed(seed)
   adversary = AutoAttack(net, norm='Linf', eps=eps, version='standard', device='cpu',
                          seed=seed)
+  adversary.attacks_to_run = list(components)
   log = io.StringIO()
   with redirect_stdout(log):
     x_adv = adversary.run_standard_evaluation(x_t, y_t, bs=batch_size)
@@ -130,7 +151,7 @@ def compare(defence, images: np.ndarray, labels: np.ndarray, dataset: str, eps: 
       'ours': {'robust': count(ours_robust),
                'components': {k: ours[k].correct for k in ours}},
       'published': {'robust': count(theirs_robust),
-                    'version': 'standard', 'log': log.getvalue().strip().splitlines()},
+                    'version': 'standard', 'components': list(components), 'log': log.getvalue().strip().splitlines()},
       'agreement': {'both_robust': count(ours_robust & theirs_robust),
                     'both_broken': count(~ours_robust & ~theirs_robust),
                     'robust_for_ours_only': count(ours_robust & ~theirs_robust),
@@ -152,7 +173,8 @@ def main(argv):
   images, labels = test_split(ds, config.eval)
   defence = registry.build(config, _WORKDIR.value, ds)
   result = compare(defence, np.asarray(images, np.float32), np.asarray(labels, np.int32),
-                   config.data.name, _EPS.value, _BATCH.value, _SEED.value)
+                   config.data.name, _EPS.value, _BATCH.value, _SEED.value,
+                   tuple(_COMPONENTS.value))
   result['workdir'] = os.path.abspath(_WORKDIR.value)
   print(json.dumps(result, indent=1))
   if _OUT.value:
