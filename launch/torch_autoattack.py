@@ -20,7 +20,6 @@ only).
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import json
 import os
@@ -49,9 +48,8 @@ _N = flags.DEFINE_integer('num_examples', 100, 'First test images attacked.')
 _BATCH = flags.DEFINE_integer('batch_size', 100, 'Batch size of both implementations.')
 _SEED = flags.DEFINE_integer('seed', 0, 'Seed of both.')
 _OUT = flags.DEFINE_string('out', '', 'JSON file to write (else only printed).')
-# The published names of AutoAttack's components, and ours.
-COMPONENTS = {'apgd-ce': ('apgd', {'loss': 'ce'}, 'apgd_ce'), 'apgd-t': ('apgd_t', {}, 'apgd_t'),
-              'fab-t': ('fab_t', {}, 'fab_t'), 'square': ('square', {}, 'square')}
+# The published names of AutoAttack's components -> ours (autoattack's parts, specs.ENSEMBLES).
+COMPONENTS = {'apgd-ce': 'apgd_ce', 'apgd-t': 'apgd_t', 'fab-t': 'fab_t', 'square': 'square'}
 _COMPONENTS = flags.DEFINE_list('components', list(COMPONENTS), 'The cascade run by both, in '
                                 'order (a subset compares single components: --components=fab-t).')
 flags.mark_flags_as_required(['workdir', 'eps'])
@@ -67,8 +65,7 @@ def torch_module(logits_fn, max_batch: int):
 
   def padded(a: np.ndarray) -> tuple[np.ndarray, int]:
     n = a.shape[0]
-    size = min(max(1 << max(0, n - 1).bit_length(), 1), max(max_batch, n))
-    size = max(size, n)
+    size = max(n, min(1 << max(0, n - 1).bit_length(), max_batch))
     return np.concatenate([a, np.zeros((size - n,) + a.shape[1:], a.dtype)]), n
 
   class JaxLogits(torch.autograd.Function):
@@ -96,19 +93,13 @@ def torch_module(logits_fn, max_batch: int):
 
 
 def our_specs(dataset: str, eps: float, components) -> list[specs_lib.AttackSpec]:
-  """Our cascade of `components` (published names) at eps, AutoAttack's standard budgets."""
-  ec = config_lib.get_base_config().eval
+  """Our `autoattack` entry's parts named by `components` (published names), in that order."""
   unknown = sorted(set(components) - set(COMPONENTS))
   if unknown:
     raise ValueError(f'--components: unknown {unknown}; known: {list(COMPONENTS)}')
-  out = []
-  for c in components:
-    attack, fixed, part = COMPONENTS[c]
-    kwargs = {**specs_lib._defaults(ec, dataset, attack), 'eps': eps, **fixed}  # pylint: disable=protected-access
-    out.append(dataclasses.replace(specs_lib.make_spec(attack, **kwargs,
-                                                       label=f'autoattack:{part}'),
-                                   group='autoattack'))
-  return out
+  parts = {s.key: s for s in specs_lib.ensemble_specs(config_lib.get_base_config().eval,
+                                                       dataset, 'autoattack', {'eps': eps})}
+  return [parts[f'autoattack:{COMPONENTS[c]}'] for c in components]
 
 
 def compare(defence, images: np.ndarray, labels: np.ndarray, dataset: str, eps: float,

@@ -66,8 +66,7 @@ def hyperplane_step(p: Array, w: Array, c: Array, norm: str) -> Array:
 
 
 def _norm(v: Array, norm: str) -> Array:
-  flat = v.reshape(v.shape[0], -1)
-  return jnp.max(jnp.abs(flat), -1) if norm == 'linf' else jnp.sqrt(jnp.sum(flat * flat, -1))
+  return jnp.max(jnp.abs(v.reshape(v.shape[0], -1)), -1) if norm == 'linf' else core.l2_norm(v)
 
 
 def fab_targeted(logits_fn, x: Array, y: Array, *, eps, num_steps: int, key: Array,

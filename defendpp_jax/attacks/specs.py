@@ -13,8 +13,8 @@ and apgd also `steps` (not fgsm), bim / pgd `step_size_factor`, pgd `restarts` a
 `abort_early`; ddn `steps`, `gamma`, `init_norm`. `apgd_dlr` is apgd with loss=dlr; `apgd_t`
 (targeted APGD-DLR toward each of the `targets` classes ranked after the label) `eps`, `steps`,
 `norm`, `targets`; `fab_t` (FAB-T: the targeted minimal-norm boundary attack, broken = its
-closest point within eps) `eps`, `steps`, `norm`, `targets`; `square` (score-based: logits only, never a gradient) `eps`, `queries`,
-`p_init`, `norm`; `latent` (Defense-GAN's latent space, view latent: attacks/latent.py) `eps`,
+closest point within eps) `eps`, `steps`, `norm`, `targets`; `square` (score-based: logits
+only, never a gradient) `eps`, `queries`, `p_init`, `norm`; `latent` (Defense-GAN's latent space, view latent: attacks/latent.py) `eps`,
 `norm`, `steps`, `lr` (Adam), `const` (the margin's weight against ||G(z) - x||^2).
 """
 

@@ -26,7 +26,6 @@ evaluations have not run is absent, and the board says which rows are missing.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from typing import Any, Callable
@@ -37,6 +36,8 @@ from defendpp_jax import files
 from defendpp_jax.reproduce import hgd_cvpr2018 as hgd_spec
 from defendpp_jax.reproduce import runner
 from defendpp_jax.reproduce import survey
+from defendpp_jax.reproduce import survey_report
+from defendpp_jax.reproduce.survey_report import pct
 
 # One eps per dataset: the Defend++ tables' (protocol.LINF_EPS); CIFAR-10 also at 8/255.
 BOARD_EPS = {'mnist': (0.2,), 'cifar10': (0.05, 8 / 255)}
@@ -268,7 +269,7 @@ def run_board(workdir: str, budget: str = 'cpu', data_dirs: dict[str, str] | Non
   result = {'table': 'board', 'budget': budget, 'seed': seed,
             'eps': {ds: list(BOARD_EPS[ds]) for ds in datasets},
             'eval': survey.SURVEY_EVAL, 'randomised_draws': survey.RANDOMISED_DRAWS,
-            'datasets': _saved(path)}
+            'datasets': survey.saved_datasets(path)}
   for dataset in datasets:
     data_dir = (data_dirs or {}).get(dataset, '')
     ds_rows = result['datasets'].setdefault(dataset, {'rows': []})
@@ -292,24 +293,13 @@ def run_board(workdir: str, budget: str = 'cpu', data_dirs: dict[str, str] | Non
                                + [_row(e, modes, dataset)],
                                key=lambda r: order.index(r['defence']))
       result['elapsed_s'] = time.time() - t0
-      result['datasets'] = {**_saved(path), dataset: ds_rows}
+      result['datasets'] = {**survey.saved_datasets(path), dataset: ds_rows}
       _write(result, name, results_dir, docs_path)
   return result
 
 
-def _saved(path: str) -> dict[str, Any]:
-  if not os.path.isfile(path):
-    return {}
-  with open(path) as f:
-    return json.load(f).get('datasets', {})
-
-
 # ---------------------------------------------------------------------------------------------
 # Markdown.
-
-
-def _pct(v) -> str:
-  return '-' if v is None else f'{100 * v:.1f}'
 
 
 def board_lines(result: dict[str, Any], dataset: str) -> list[str]:
@@ -325,12 +315,8 @@ def board_lines(result: dict[str, Any], dataset: str) -> list[str]:
            'published adaptive figure |', '|---|---|---|---|---|---|---|---|---|---|']
   for r in ds['rows']:
     cols = r['columns']
-    cell = lambda field: ' / '.join(_pct(cols[k][field]) for k in keys)
-    clean = _pct(r['clean_accuracy'])
-    if r.get('clean_accuracy_worst') is not None:
-      clean += f' (worst draw {_pct(r["clean_accuracy_worst"])})'
-    if r.get('detector'):
-      clean += f'; {_pct(r["detector"]["clean_false_positive_rate"])}% rejected'
+    cell = lambda field: ' / '.join(pct(cols[k][field]) for k in keys)
+    clean = survey_report.clean_cell(r)  # (the row's first mode's, as its own columns)
     aa = 'not run' if r['no_autoattack'] else cell('autoattack')
     first = cols[keys[0]]
     ad = (f'{cell("adaptive")} ({first["adaptive_mode"]}: {first["adaptive_attack"]})'
@@ -362,7 +348,7 @@ def detail_lines(result: dict[str, Any], dataset: str) -> list[str]:
       lines.append(f'  - {m["mode"]} ({m["description"]}; {m["num_examples"]} images{draws}; '
                    f'`{m["eval_dir"]}`):')
       for e, pe in m['per_eps'].items():
-        cells = [f'{k} {_pct(a["accuracy"])} ({a["correct"]}/{a["seen"]}, {a["view"]}'
+        cells = [f'{k} {pct(a["accuracy"])} ({a["correct"]}/{a["seen"]}, {a["view"]}'
                  f'{", EOT " + str(a["eot_samples"]) if a["eot_samples"] > 1 else ""})'
                  for k, a in pe['attacks'].items()]
         lines.append(f'    - eps {e}: ' + '; '.join(cells))

@@ -343,7 +343,7 @@ def run_survey(table: str, workdir: str, budget: str = 'cpu',
             'eval': SURVEY_EVAL, 'randomised_draws': RANDOMISED_DRAWS}
   name = f'survey_{table}{"" if budget == "cpu" else "_" + budget}'
   path = os.path.join(results_dir, f'{name}.json')
-  result['datasets'] = _saved_datasets(path)  # keep the rows of defences / datasets not run
+  result['datasets'] = saved_datasets(path)  # keep the rows of defences / datasets not run
   for dataset in datasets:
     data_dir = (data_dirs or {}).get(dataset, '')
     plain = _train_config(BY_NAME['jpeg'], dataset, budget, workdir, data_dir, seed)
@@ -373,12 +373,13 @@ def run_survey(table: str, workdir: str, budget: str = 'cpu',
                                 + [entry], key=lambda e: order.index(e['defence']))
       result['elapsed_s'] = time.time() - t0
       # Another run (e.g. of the other dataset) may have written meanwhile: keep its datasets.
-      result['datasets'] = {**_saved_datasets(path), dataset: rows}
+      result['datasets'] = {**saved_datasets(path), dataset: rows}
       _write(result, name, results_dir, docs_path)
   return result
 
 
-def _saved_datasets(path: str) -> dict[str, Any]:
+def saved_datasets(path: str) -> dict[str, Any]:
+  """The `datasets` of a saved survey / board results file ({} if none)."""
   if not os.path.isfile(path):
     return {}
   with open(path) as f:
