@@ -23,7 +23,9 @@ of config.model with `config.model.decoder=none`, through `launch.train`, and is
   W <- (1 + beta) W - beta W W^T W after every step), `.row_fraction` (the rows sampled per
   layer); convex residual aggregations.
 - `cross_lipschitz` (Hein & Andriushchenko 2017): `config.defense.cross_lipschitz.weight`
-  (lambda of lambda / (n K^2) sum over class pairs of ||grad f_l - grad f_m||^2).
+  (lambda of lambda / (n K^2) sum over class pairs of ||grad f_l - grad f_m||^2),
+  `.projections` (0 = exact, from all K input gradients; P > 0 = its unbiased estimate from P
+  random projections, P backward passes instead of K).
 - `deep_defense` (Yan et al. 2018): fine-tunes `config.train.init_from`;
   `config.defense.deep_defense.weight` (lambda, 15), `.c` (25), `.d` (5), `.steps` (the unrolled
   DeepFool steps), `.overshoot`.

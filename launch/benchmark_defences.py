@@ -211,11 +211,15 @@ def bench_training_defences(width: int, shape, batch: int, repeats: int, conv: s
   base = {'arch': 'resnet18', 'width': width, 'input': 'x'.join(map(str, shape)),
           'batch': batch, 'framework': 'jax', 'conv': dnn.resolve_conv_backend(conv)}
   out = []
-  for name in ('none',) + tuple(names):
+  # Cross-Lipschitz twice: exact (K input gradients) and from one random projection.
+  runs = [(n, p) for n in ('none',) + tuple(names)
+          for p in ((0, 1) if n == 'cross_lipschitz' else (0,))]
+  for name, projections in runs:
     config = config_lib.get_base_config()
     config.model.update(arch='resnet18', width=width, decoder='none', conv=conv)
     config.train.update(learning_rate=0.01, lr_decay_epochs=(), num_epochs=1, adv_steps=5)
     config.defense.name = name
+    config.defense.cross_lipschitz.projections = projections
     if name == 'adv_bnn':
       config.train.adversarial = 'pgd'
     recipe = recipes.make_recipe(config, ds, 1)
@@ -232,7 +236,9 @@ def bench_training_defences(width: int, shape, batch: int, repeats: int, conv: s
       return m['loss']
     c, t = _time(once, repeats)
     work = 'train_step' if name == 'none' else 'defence_train_step'
-    out.append({**base, 'work': work, 'defence': name, 'img_per_s': batch / t, 'compile_s': c})
+    label = name if not projections else f'{name} (projections={projections})'
+    out.append({**base, 'work': work, 'defence': label, 'img_per_s': batch / t,
+                'compile_s': c})
   return out
 
 

@@ -72,7 +72,8 @@ def test_training_defences_benchmark_times_each_recipe_next_to_the_plain_step():
   records = benchmark_defences.bench_training_defences(2, (28, 28, 1), 4, 1, names=names)
   assert [(r['work'], r['defence']) for r in records] == [
       ('train_step', 'none'), ('defence_train_step', 'parseval'),
-      ('defence_train_step', 'cross_lipschitz')]
+      ('defence_train_step', 'cross_lipschitz'),
+      ('defence_train_step', 'cross_lipschitz (projections=1)')]
   assert all(r['img_per_s'] > 0 for r in records)
   text = benchmark_defences.ratios(records)
   assert any(t.startswith('cross_lipschitz training step') for t in text)

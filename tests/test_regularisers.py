@@ -419,3 +419,29 @@ def test_as_matrix_layouts_and_round_trip():
   assert np.array_equal(restore(m), conv)
   # a retraction of the filters, written back, is a conv kernel of the same shape
   assert restore(reg.parseval_retraction(m, 0.01)).shape == conv.shape
+
+
+def test_cross_lipschitz_projections_are_unbiased():
+  # Mean of many independent single-projection estimates -> the exact value (and its
+  # parameter gradient); each estimate is one VJP.
+  params, x = _mlp_params(2), _images(4, seed=5)
+  f = lambda p: (lambda v: _mlp(p, v))
+  exact = float(reg.cross_lipschitz(f(params), x))
+  keys = jax.random.split(jax.random.key(0), 4000)
+  est = jax.jit(jax.vmap(lambda k: reg.cross_lipschitz_projected(f(params), x, k)))(keys)
+  assert float(jnp.std(est)) > 1e-3 * exact  # random, not the exact value in disguise
+  se = float(jnp.std(est)) / np.sqrt(len(keys))
+  assert abs(float(jnp.mean(est)) - exact) < 4 * se + 1e-6 * exact
+  # 64 projections in one call: closer than one on average
+  many = float(reg.cross_lipschitz_projected(f(params), x, jax.random.key(1), projections=64))
+  np.testing.assert_allclose(many, exact, rtol=0.25)
+  g_exact = jax.grad(lambda p: reg.cross_lipschitz(f(p), x))(params)
+  g_est = jax.jit(jax.vmap(jax.grad(
+      lambda p, k: reg.cross_lipschitz_projected(f(p), x, k)), in_axes=(None, 0)))(params, keys)
+  for name in params:
+    mean = np.asarray(jnp.mean(g_est[name], 0))
+    se = np.asarray(jnp.std(g_est[name], 0)) / np.sqrt(len(keys))
+    scale = float(np.max(np.abs(g_exact[name])))
+    assert np.all(np.abs(mean - np.asarray(g_exact[name])) <= 5 * se + 1e-3 * scale), name
+  with pytest.raises(ValueError, match='projections'):
+    reg.cross_lipschitz_projected(f(params), x, jax.random.key(0), projections=0)

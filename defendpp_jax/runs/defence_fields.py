@@ -137,6 +137,9 @@ def defence_config() -> ml_collections.ConfigDict:
   # (1 / (n K^2)) sum over class pairs of ||grad_x f_l - grad_x f_m||^2 on the logits.
   d.cross_lipschitz = ml_collections.ConfigDict()
   d.cross_lipschitz.weight = 0.01
+  # 0: the exact sum from all K input gradients (K backward passes per example); P > 0: its
+  # unbiased estimate from P random projections 2K ||J^T C v||^2 (P backward passes).
+  d.cross_lipschitz.projections = 0
   # Deep Defense (Yan et al. 2018): fine-tunes a trained classifier (config.train.init_from)
   # with weight x mean R(||r|| / ||x||), r = `steps` unrolled DeepFool steps inside the loss,
   # R = exp(-c t) on correctly classified and exp(d t) on misclassified examples.

@@ -48,6 +48,8 @@ from defendpp_jax.training import regularisers
 ROLES = ('teacher', 'student')
 # fold_in constant of the Adv-BNN crafting's weight draw (distinct from the loss's).
 _BNN_CRAFT = 0xB2
+# fold_in constant of Cross-Lipschitz's random projections.
+_CROSS_LIPSCHITZ = 0xC1
 
 
 def _needs_plain_model(config: ml_collections.ConfigDict) -> None:
@@ -216,19 +218,19 @@ def parseval_recipe(config, ds, spe) -> recipes.Recipe:
 # Input-gradient regularisers: Cross-Lipschitz, Deep Defense.
 
 
-def _regularised(config, ds, spe, name, reg_fn, weight) -> recipes.Recipe:
+def _regularised(config, ds, spe, name, reg_fn, weight, keyed=False) -> recipes.Recipe:
+  """`reg_fn(logits_fn, x, y)` (or `(logits_fn, x, y, key)` when `keyed`) weighted into the loss."""
   # Second-order gradients (of an input gradient) run on XLA's convolutions: the oneDNN ones
   # are first-order only. The deployed network is the same function (to float tolerance).
   config = config.copy_and_resolve_references()
   config.model.conv = 'xla'
 
   def loss_fn(model, params, state, x, y, key, prepared):
-    del key
     logits, new = _classify(model, params, state, x if prepared is None else prepared)
     ce = losses.cross_entropy(logits, y)
     # the regulariser on clean images, the training-mode classifier (statistics discarded)
     logits_fn = lambda z: _classify(model, params, state, z)[0]
-    reg = reg_fn(logits_fn, x, y)
+    reg = reg_fn(logits_fn, x, y, key) if keyed else reg_fn(logits_fn, x, y)
     return ({'ce': ce, name: weight * reg}, new['batch_stats'],
             _metrics(logits, y, ce=ce, **{name: reg}))
 
@@ -237,9 +239,16 @@ def _regularised(config, ds, spe, name, reg_fn, weight) -> recipes.Recipe:
 
 
 def cross_lipschitz_recipe(config, ds, spe) -> recipes.Recipe:
-  w = config.defense.cross_lipschitz.weight
-  return _regularised(config, ds, spe, 'cross_lipschitz',
-                      lambda f, x, y: regularisers.cross_lipschitz(f, x), w)
+  cl = config.defense.cross_lipschitz
+  if not isinstance(cl.projections, int) or cl.projections < 0:
+    raise ValueError('config.defense.cross_lipschitz.projections must be an integer >= 0 '
+                     f'(0 = exact), got {cl.projections!r}')
+  if cl.projections == 0:
+    reg = lambda f, x, y, key: regularisers.cross_lipschitz(f, x)
+  else:
+    reg = lambda f, x, y, key: regularisers.cross_lipschitz_projected(
+        f, x, jax.random.fold_in(key, _CROSS_LIPSCHITZ), cl.projections)
+  return _regularised(config, ds, spe, 'cross_lipschitz', reg, cl.weight, keyed=True)
 
 
 def deep_defense_recipe(config, ds, spe) -> recipes.Recipe:
