@@ -18,7 +18,9 @@ of config.model with `config.model.decoder=none`, through `launch.train`, and is
 
 - `distillation` (Papernot et al. 2016): `config.defense.distillation.temperature` (100, as
   Carlini's reference), `.teacher_workdir` ('' = the run trains its teacher in WORKDIR/teacher),
-  `.role` (student | teacher). Deployed at temperature 1.
+  `.role` (student | teacher), `.loss_scale` (the CE at T multiplied by it: 1 = Carlini's
+  reference; T gives the logits the gradient magnitude of training at T = 1, which the `cpu`
+  budget's one epoch needs). Deployed at temperature 1.
 - `parseval` (Cisse et al. 2017): `config.defense.parseval.beta` (the retraction
   W <- (1 + beta) W - beta W W^T W after every step), `.row_fraction` (the rows sampled per
   layer); convex residual aggregations.

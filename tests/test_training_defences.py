@@ -65,6 +65,24 @@ def test_distillation_trains_its_teacher_then_the_student_on_its_soft_labels(tmp
     recipes.make_recipe(bad, ds, 2)
 
 
+def test_distillation_loss_scale_multiplies_the_loss_at_t(digits):
+  # loss_scale = T gives the logits the gradient of training at T = 1 at the start (hard
+  # labels): the loss is scaled, the reported CE at T is not.
+  x, y = digits.train_images[:8], digits.train_labels[:8]
+  out = {}
+  for scale in (1.0, 20.0):
+    config = _config('distillation', temperature=20.0, role='teacher', loss_scale=scale)
+    recipe = recipes.make_recipe(config, digits, 2)
+    state = recipe.init(jax.random.key(0))
+    _, out[scale] = jax.jit(lambda s, r=recipe: recipes.train_step(
+        s, x, y, jnp.ones(1), jax.random.key(1), recipe=r))(state)
+  np.testing.assert_allclose(float(out[20.0]['ce']), float(out[1.0]['ce']), rtol=1e-5)
+  np.testing.assert_allclose(float(out[20.0]['loss']), 20.0 * float(out[1.0]['loss']),
+                             rtol=1e-5)
+  with pytest.raises(ValueError, match='distillation.loss_scale'):
+    recipes.make_recipe(_config('distillation', loss_scale=0.0), digits, 2)
+
+
 def test_saturated_softmax_masks_ce_gradients_but_not_the_margin_loss():
   """A distilled net deployed at T = 1 has logits ~T x larger: on confident examples the CE
   input gradient underflows to exactly 0 (the zero-gradient diagnostic fires), while the

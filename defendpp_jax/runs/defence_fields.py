@@ -127,6 +127,9 @@ def defence_config() -> ml_collections.ConfigDict:
   d.distillation.temperature = 100.0
   d.distillation.teacher_workdir = ''
   d.distillation.role = 'student'   # student | teacher (the run WORKDIR/teacher trains)
+  # The CE at the temperature is multiplied by it: 1 = Carlini's reference (whose gradient on
+  # the logits is 1 / T of training at T = 1); `temperature` restores that magnitude.
+  d.distillation.loss_scale = 1.0
   # Parseval networks (Cisse et al. 2017): after every step the retraction W <- (1 + beta) W -
   # beta W W^T W on every convolution (as a (out, k*k*in) matrix) and dense kernel, on a random
   # `row_fraction` of its rows; the residual aggregations are convex (x + F(x)) / 2.

@@ -99,7 +99,10 @@ def distillation_recipe(config, ds, spe) -> recipes.Recipe:
   if not dc.temperature > 0:
     raise ValueError(f'config.defense.distillation.temperature must be > 0, got '
                      f'{dc.temperature}')
-  t = float(dc.temperature)
+  if not dc.loss_scale > 0:
+    raise ValueError(f'config.defense.distillation.loss_scale must be > 0, got '
+                     f'{dc.loss_scale}')
+  t, scale = float(dc.temperature), float(dc.loss_scale)
 
   def loss_fn(model, params, state, x, y, key, prepared):
     del key
@@ -108,11 +111,12 @@ def distillation_recipe(config, ds, spe) -> recipes.Recipe:
       ce = regularisers.soft_cross_entropy(logits / t, y)
     else:
       ce = losses.cross_entropy(logits / t, y)
-    return {'ce': ce}, new['batch_stats'], _metrics(logits, y, ce=ce)
+    return {'ce': scale * ce}, new['batch_stats'], _metrics(logits, y, ce=ce)
 
   recipe = _with_loss(config, ds, spe, loss_fn)
   return dataclasses.replace(recipe, description=f'{recipe.description}; distillation '
-                                                 f'{dc.role} at T={t:g}')
+                                                 f'{dc.role} at T={t:g}'
+                                                 + ('' if scale == 1 else f', loss x {scale:g}'))
 
 
 def teacher_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
