@@ -5,10 +5,16 @@
   python -m launch.reproduce --paper=survey --table=transforms --workdir=runs/repro \
       --mnist_dir=../shared/data/mnist --cifar10_dir=../shared/data/cifar10-jpeg
 
---paper=defendpp (default): Tables 1, 2, 3, 5, 6, 7, 8 and `fig6` of Defend++. `--budget=cpu`
+--paper=defendpp (default): Tables 1, 2, 3, 5, 6, 7, 8 and `fig6`, `fig7`, `fig8` of Defend++
+(Figs. 7 / 8: the auto-encoder's reconstructions of clean and FGSM images / the histogram of
+R = D_rc / D_ra, for "ours" on each of --datasets; PNGs in docs/figures/ at the cpu budget). `--budget=cpu`
 is the reduced budget documented in defendpp_jax/reproduce/defendpp_mm2020.py (CPU_BUDGET) and
-docs/REPRODUCTION.md; `--budget=paper` the paper's (the configs' epochs and widths, the whole
-test set). `--strong` evaluates the same models with PGD-100 x 5 restarts, APGD-CE and APGD-DLR
+docs/REPRODUCTION.md; `--budget=medium` twice its width and 20x its epochs (MEDIUM_BUDGET: MNIST
+width 16 for 20 epochs, CIFAR-10 30, the paper's learning-rate steps rescaled to the run);
+`--budget=paper` the paper's (the configs' epochs and widths, the whole test set). `--models`
+runs a table's rows of those models only (e.g. `--table=2 --budget=medium
+--models=plain,ours,ours_gn`; `--table=1 ... --models=ours,hourglass,hourglass_sc,hourglass_sa`). A second `--seed` needs its
+own --workdir and --results_dir (a workdir's models are one seed's; it refuses to retrain them). `--strong` evaluates the same models with PGD-100 x 5 restarts, APGD-CE and APGD-DLR
 at the paper's eps, C&W and DDN. Models are shared between tables (same WORKDIR): Table 1 reuses
 Table 2's "ours". Results go to RESULTS_DIR/table<N>[_strong].json and .md.
 
@@ -56,7 +62,10 @@ _MNIST = flags.DEFINE_string('mnist_dir', '', 'MNIST raw files ("" = tfds).')
 _CIFAR = flags.DEFINE_string('cifar10_dir', '', 'CIFAR-10 python batches ("" = tfds).')
 _SEED = flags.DEFINE_integer('seed', 0, 'Training seed of every model.')
 _DATASETS = flags.DEFINE_list('datasets', list(survey.DATASETS),
-                              'Survey / HGD: datasets to run.')
+                              'Survey / HGD / Defend++ Figs. 7-8: datasets to run.')
+_MODELS = flags.DEFINE_list('models', [], 'Defend++ tables: run only the rows of these models '
+                            '(plain, ours, ours_gn, hourglass, ...; [] = all); the results file '
+                            'keeps its other rows.')
 _DEFENCES = flags.DEFINE_list('defences', [], 'Survey: defences (board: row sources) to run ([] = all).')
 _DOCS = flags.DEFINE_string('docs', '', 'Survey / HGD: the document written ("" = '
                             'docs/DEFENCES.md / docs/HGD.md at the cpu budget, none otherwise).')
@@ -85,7 +94,10 @@ def main(argv):
       if _TABLE.value not in reproduce.TABLES:
         raise app.UsageError(f'--table={_TABLE.value!r} is not one of {reproduce.TABLES}')
       reproduce.run_table(_TABLE.value, _WORKDIR.value, _BUDGET.value, data_dirs,
-                          strong=_STRONG.value, results_dir=_RESULTS.value, seed=_SEED.value)
+                          strong=_STRONG.value, results_dir=_RESULTS.value, seed=_SEED.value,
+                          figures_dir='docs/figures' if _BUDGET.value == 'cpu'
+                          else _RESULTS.value, datasets=tuple(_DATASETS.value),
+                          models=tuple(_MODELS.value) or None)
   except reproduce.Preempted as e:
     print(f'stopped: {e}', flush=True)
     sys.exit(143)  # the conventional status of a process ended by SIGTERM

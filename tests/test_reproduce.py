@@ -97,3 +97,75 @@ def test_a_preempted_training_stops_the_table(tmp_path, monkeypatch):
   with pytest.raises(reproduce.Preempted, match='step 3'):
     reproduce.run_table('2', str(tmp_path), 'smoke', {'mnist': ''})
   assert len(trained) == 1
+
+
+@pytest.mark.skipif(not os.path.isdir(MNIST), reason='needs ../shared/data/mnist')
+def test_figs_7_and_8_reconstruct_fgsm_images_with_consistent_distances(tmp_path):
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from defendpp_jax.reproduce import defendpp_figures  # pylint: disable=g-import-not-at-top
+  results, figures = str(tmp_path / 'results'), str(tmp_path / 'figures')
+  out = reproduce.run_table('fig7', str(tmp_path / 'repro'), 'smoke', {'mnist': MNIST},
+                            results_dir=results, figures_dir=figures, datasets=('mnist',))
+  r = out['datasets']['mnist']
+  assert os.path.isfile(os.path.join(figures, 'fig7_mnist_smoke.png'))
+  assert json.load(open(os.path.join(results, 'fig7_smoke.json')))['datasets']['mnist'] == r
+  assert 0 <= r['fraction_R_in_0_1'] <= 1 and 0 <= r['adversarial_accuracy'] <= 1
+  # Per image: R = D_rc / D_ra, the triangle inequality |D_rc - D_ra| <= ||x_adv - x||, and
+  # the L-inf ball bounds the L2 size of the perturbation.
+  run_dir = reproduce.model_dir(str(tmp_path / 'repro'), 'mnist', 'smoke', 'ours')
+  config = reproduce.model_config('mnist', 'ours', 'smoke', str(tmp_path / 'repro'), MNIST)
+  rec = defendpp_figures.analyse(config, run_dir)['rec']
+  d = {k: np.asarray(v) for k, v in rec['distances'].items()}
+  np.testing.assert_allclose(rec['ratio_R'], d['d_rc'] / d['d_ra'], rtol=1e-5)
+  assert np.all(np.abs(d['d_rc'] - d['d_ra']) <= d['d_ac'] + 1e-4)
+  assert np.all(d['d_ac'] <= r['eps'] * np.sqrt(28 * 28) + 1e-4) and np.all(d['d_ac'] > 0)
+  assert np.all(d['d_clean'] > 0)
+  assert len(d['d_rc']) == r['num_examples'] == out['datasets']['mnist']['num_examples']
+  # Fig. 8 reuses the trained model and writes its histogram.
+  again = reproduce.run_table('fig8', str(tmp_path / 'repro'), 'smoke', {'mnist': MNIST},
+                              results_dir=results, figures_dir=figures, datasets=('mnist',))
+  assert os.path.isfile(os.path.join(figures, 'fig8_mnist_smoke.png'))
+  assert again['datasets']['mnist']['params_sha256'] == r['params_sha256']
+  with pytest.raises(ValueError, match='--datasets'):
+    reproduce.run_table('fig8', str(tmp_path / 'repro'), 'smoke', {}, datasets=('svhn',))
+
+
+def test_medium_budget_is_wider_longer_with_the_papers_steps_rescaled():
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from defendpp_jax.training import optim  # pylint: disable=g-import-not-at-top
+  cpu = reproduce.model_config('mnist', 'ours', 'cpu', '/tmp/x', '')
+  mnist = reproduce.model_config('mnist', 'ours', 'medium', '/tmp/x', '')
+  cifar = reproduce.model_config('cifar10', 'plain', 'medium', '/tmp/x', '')
+  assert (mnist.model.width, mnist.train.num_epochs) == (2 * cpu.model.width,
+                                                         20 * cpu.train.num_epochs)
+  assert (cifar.model.width, cifar.train.num_epochs) == (16, 30)
+  assert mnist.eval.num_examples == 1000 and mnist.model.decoder == 'pyramid'
+  # the paper's decays at epochs 100 and 200 of 250 (MNIST) / 300 (CIFAR-10), rescaled
+  for config, steps, at in ((mnist, 10, (8, 16)), (cifar, 10, (10, 20))):
+    _, schedule = optim.sgd_step_decay(config.train, steps)
+    lr = config.train.learning_rate
+    for epoch in at:
+      assert float(schedule(epoch * steps - 1)) > float(schedule(epoch * steps))
+    np.testing.assert_allclose(float(schedule(0)), lr)
+    np.testing.assert_allclose(float(schedule(at[1] * steps)), lr * 0.01, rtol=1e-5)
+
+
+@pytest.mark.skipif(not os.path.isdir(MNIST), reason='needs ../shared/data/mnist')
+def test_models_flag_runs_some_rows_and_keeps_the_others(tmp_path):
+  results, root = str(tmp_path / 'results'), str(tmp_path / 'repro')
+  run = lambda models, **kw: reproduce.run_table('2', root, 'smoke', {'mnist': MNIST},
+                                                 results_dir=results, attacks=('fgsm',),
+                                                 models=models, **kw)
+  first = run(('ours_gn',))
+  assert [r['label'] for r in first['rows']] == ['ours + GN']
+  both = run(('plain',))
+  assert [r['label'] for r in both['rows']] == ['No defense', 'ours + GN']
+  assert both['rows'][1] == first['rows'][0] and set(both['models']) >= {'plain', 'ours_gn'}
+  saved = json.load(open(os.path.join(results, 'table2_smoke.json')))
+  assert [r['label'] for r in saved['rows']] == ['No defense', 'ours + GN']
+  with pytest.raises(ValueError, match="--models: \\['hourglass'\\]"):
+    run(('hourglass',))
+  # another seed in the same workdir would train over these models: refused, nothing lost
+  with pytest.raises(ValueError, match='--seed=0; --seed=1'):
+    run(('plain',), seed=1)
+  assert json.load(open(os.path.join(results, 'table2_smoke.json'))) == saved

@@ -12,6 +12,7 @@ import functools
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -48,19 +49,27 @@ def reconstruction_analysis(module: defendpp.DefendPP, defence: base.Defence, im
   attack_fn = jax.jit(lambda v, x, y: attacks.fgsm(
       defence.attack_model('exact', variables=v), x, y, eps=eps))
   full = jax.jit(lambda v, x: module.apply(v, x, train=False)[1][0])
-  ratios, shown = [], None
+  classify = jax.jit(lambda v, x: jnp.argmax(defence.logits(v, x), -1))
+  l2 = lambda a, b: np.sqrt(((a - b) ** 2).sum(axis=(1, 2, 3)))
+  dist = {'d_rc': [], 'd_ra': [], 'd_ac': [], 'd_clean': []}
+  ratios, correct, shown = [], 0, None
   for start in range(0, n, batch_size):
     x, y = images[start:start + batch_size][:n - start], labels[start:start + batch_size]
     y = y[:len(x)]
     adv = np.asarray(attack_fn(defence.variables, x, y))
     rec_adv = np.asarray(full(defence.variables, adv))
-    d_rc = np.sqrt(((rec_adv - x) ** 2).sum(axis=(1, 2, 3)))
-    d_ra = np.sqrt(((rec_adv - adv) ** 2).sum(axis=(1, 2, 3)))
+    rec = np.asarray(full(defence.variables, x))
+    d_rc, d_ra = l2(rec_adv, x), l2(rec_adv, adv)
+    for k, v in (('d_rc', d_rc), ('d_ra', d_ra), ('d_ac', l2(adv, x)), ('d_clean', l2(rec, x))):
+      dist[k].append(v)
     ratios.append(d_rc / np.maximum(d_ra, 1e-12))
+    correct += int(np.sum(np.asarray(classify(defence.variables, adv)) == y))
     if shown is None:
       k = min(8, len(x))
-      shown = {'clean': x[:k], 'rec_clean': np.asarray(full(defence.variables, x[:k])),
-               'adv': adv[:k], 'rec_adv': rec_adv[:k]}
+      shown = {'clean': x[:k], 'rec_clean': rec[:k], 'adv': adv[:k], 'rec_adv': rec_adv[:k]}
   ratios = np.concatenate(ratios)
+  # d_rc = ||AE(x_adv) - x||, d_ra = ||AE(x_adv) - x_adv||, d_ac = ||x_adv - x||,
+  # d_clean = ||AE(x) - x|| (per image, L2 over all pixels)
   return {'eps': eps, 'ratio_R': ratios.tolist(), 'fraction_R_below_1': float(np.mean(ratios < 1)),
-          'images': shown}
+          'distances': {k: np.concatenate(v).tolist() for k, v in dist.items()},
+          'adversarial_accuracy': correct / len(ratios), 'images': shown}

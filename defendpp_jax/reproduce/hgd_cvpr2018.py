@@ -180,6 +180,12 @@ def adaptive_entries(dataset: str, steps: int = 100) -> tuple[str, ...]:
 # Models.
 
 
+def check_budget(budget: str) -> None:
+  if budget not in BUDGET_OVERRIDES:
+    raise ValueError(f'--budget={budget!r}: HGD\'s tables have the budgets '
+                     f'{tuple(BUDGET_OVERRIDES)} (medium is a Defend++ budget)')
+
+
 def classifier_config(dataset, model, budget, root, data_dir, seed=0):
   config = runner.model_config(dataset, model, budget, root, data_dir)
   config.train.seed = seed
@@ -190,6 +196,7 @@ def denoiser_config(dataset, name, budget, root, data_dir, seed=0) -> ml_collect
   """The training config of DENOISERS[name] at `budget`."""
   d = DENOISERS[name]
   config = classifier_config(dataset, TARGET, budget, root, data_dir, seed)
+  check_budget(budget)
   runner._override(config, BUDGET_OVERRIDES[budget])  # pylint: disable=protected-access
   config.defense.name = 'hgd'
   config.defense.classifier_workdir = runner.model_dir(root, dataset, budget, d.target)

@@ -294,6 +294,7 @@ def run_hgd_table(table: str, workdir: str, budget: str = 'cpu',
   table = str(table)
   if table not in spec.TABLES:
     raise ValueError(f'--table={table!r} is not one of {spec.TABLES} (--paper=hgd)')
+  spec.check_budget(budget)
   for d in datasets:
     if d not in spec.DATASETS:
       raise ValueError(f'--datasets: {d!r} is not one of {spec.DATASETS}')

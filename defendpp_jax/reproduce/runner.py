@@ -28,6 +28,8 @@ from defendpp_jax.reproduce.defendpp_mm2020 import BUDGETS
 from defendpp_jax.reproduce.defendpp_mm2020 import CPU_BUDGET
 from defendpp_jax.reproduce.defendpp_mm2020 import CPU_BUDGET_CIFAR
 from defendpp_jax.reproduce.defendpp_mm2020 import GN_STD
+from defendpp_jax.reproduce.defendpp_mm2020 import MEDIUM_BUDGET
+from defendpp_jax.reproduce.defendpp_mm2020 import MEDIUM_BUDGET_CIFAR
 from defendpp_jax.reproduce.defendpp_mm2020 import MODELS
 from defendpp_jax.reproduce.defendpp_mm2020 import PAPER_BUDGET
 from defendpp_jax.reproduce.defendpp_mm2020 import PAPER_COLUMNS
@@ -57,6 +59,8 @@ def model_config(dataset: str, model: str, budget: str, root: str,
   config.data.data_dir = data_dir
   if budget == 'cpu':
     _override(config, CPU_BUDGET if dataset == 'mnist' else CPU_BUDGET_CIFAR)
+  elif budget == 'medium':
+    _override(config, MEDIUM_BUDGET if dataset == 'mnist' else MEDIUM_BUDGET_CIFAR)
   elif budget == 'paper':
     _override(config, PAPER_BUDGET)
   else:
@@ -96,6 +100,11 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       summary = json.load(f)
     if _same_config(summary['config'], config):
       return summary  # trained already, with this very config
+    saved_seed = config_lib.migrate_config(summary['config'])['train']['seed']
+    if saved_seed != config.train.seed:
+      raise ValueError(f'{workdir} holds a model trained with --seed={saved_seed}; --seed='
+                       f'{config.train.seed} would retrain over it: give that seed its own '
+                       '--workdir (and --results_dir)')
   summary = training.train_and_evaluate(config, workdir)
   if summary.get('preempted'):
     raise Preempted(f'training in {workdir} stopped at step {summary["step"]} on SIGTERM (saved);'
@@ -204,13 +213,29 @@ def _row_result(row, report, out_dir, ours, transfer) -> dict[str, Any]:
 
 def run_table(table: str, workdir: str, budget: str = 'cpu', data_dirs: dict[str, str] | None
               = None, strong: bool = False, results_dir: str = 'results',
-              seed: int = 0, attacks: tuple[str, ...] | None = None) -> dict[str, Any]:
+              seed: int = 0, attacks: tuple[str, ...] | None = None,
+              figures_dir: str = 'docs/figures',
+              datasets: tuple[str, ...] = ('mnist', 'cifar10'),
+              models: tuple[str, ...] | None = None) -> dict[str, Any]:
   """Trains (or reuses) every model of `table`, evaluates each row, writes the results.
 
-  `attacks` replaces the rows' attacks (tests use a short list).
+  `attacks` replaces the rows' attacks (tests use a short list). `models` (MODELS keys) runs
+  only the rows of those models; the results file keeps the other rows it already has. Figs. 7
+  and 8 (defendpp_figures) write their PNGs to `figures_dir`, one per dataset in `datasets`.
   """
   table = str(table)
+  if table in ('fig7', 'fig8'):
+    from defendpp_jax.reproduce import defendpp_figures  # pylint: disable=g-import-not-at-top
+    return defendpp_figures.run_figure(table, workdir, budget, data_dirs, results_dir,
+                                       figures_dir, seed, datasets)
   dataset, rows = table_spec(table)
+  all_rows = rows
+  if models:
+    unknown = sorted(set(models) - {r.model for r in rows})
+    if unknown:
+      raise ValueError(f'--models: {unknown} not in Table {table} (its models: '
+                       f'{sorted({r.model for r in rows})})')
+    rows = [r for r in rows if r.model in models]
   data_dir = (data_dirs or {}).get(dataset, '')
   t0 = time.time()
   summaries = _train_models(table, rows, dataset, budget, workdir, data_dir, seed)
@@ -229,22 +254,44 @@ def run_table(table: str, workdir: str, budget: str = 'cpu', data_dirs: dict[str
     if row.transfer and not strong:
       transfer = _transfer_columns(table, row, config, dataset, budget, workdir, out_dir, ours)
     out_rows.append(_row_result(row, report, out_dir, ours, transfer))
+  if models:  # keep the saved rows of the other models, in the table's order
+    new_labels = {r['label'] for r in out_rows}
+    before = _saved_result(table, budget, suffix, results_dir)
+    saved = [r for r in before.get('rows', []) if r['label'] not in new_labels]
+    order = [r.label for r in all_rows]
+    out_rows = sorted(out_rows + [r for r in saved if r['label'] in order],
+                      key=lambda r: order.index(r['label']))
   result = {
       'table': table, 'dataset': dataset, 'budget': budget, 'strong': strong, 'seed': seed,
       'data_dir': data_dir, 'cifar10_is_jpeg_copy': dataset == 'cifar10' and 'jpeg' in data_dir,
       'budget_overrides': {'cpu': CPU_BUDGET if dataset == 'mnist' else CPU_BUDGET_CIFAR,
+                           'medium': MEDIUM_BUDGET if dataset == 'mnist' else MEDIUM_BUDGET_CIFAR,
                            'paper': PAPER_BUDGET}.get(budget, 'runs/config.py:apply_smoke'),
       'gn_std': GN_STD, 'rows': out_rows,
       'models': {m: {'clean_accuracy_full_test': s.get('clean_accuracy'), 'step': s['step'],
                      'params_sha256': s['params_sha256']} for m, s in summaries.items()},
       'elapsed_s': time.time() - t0,
   }
+  if models:
+    result['models'] = {**before.get('models', {}), **result['models']}
   _write_result(result, table, budget, suffix, results_dir)
   return result
 
 
+def _result_name(table, budget, suffix) -> str:
+  return f'table{table}{"_" + budget if budget != "cpu" else ""}{suffix}'
+
+
+def _saved_result(table, budget, suffix, results_dir) -> dict[str, Any]:
+  path = os.path.join(results_dir, f'{_result_name(table, budget, suffix)}.json')
+  if not os.path.isfile(path):
+    return {}
+  with open(path) as f:
+    return json.load(f)
+
+
 def _write_result(result, table, budget, suffix, results_dir) -> None:
-  name = f'table{table}{"_" + budget if budget != "cpu" else ""}{suffix}'
+  name = _result_name(table, budget, suffix)
   files.write_json(os.path.join(results_dir, f'{name}.json'), result)
   md = markdown(result)
   files.write_text(os.path.join(results_dir, f'{name}.md'), md)
