@@ -30,7 +30,8 @@ of config.model with `config.model.decoder=none`, through `launch.train`, and is
   random projections, P backward passes instead of K).
 - `deep_defense` (Yan et al. 2018): fine-tunes `config.train.init_from`;
   `config.defense.deep_defense.weight` (lambda, 15), `.c` (25), `.d` (5), `.steps` (the unrolled
-  DeepFool steps), `.overshoot`.
+  DeepFool steps), `.overshoot`, `.examples` (0 = the regulariser on the whole batch; m = on m
+  examples drawn at random from each batch, an unbiased estimate at m / batch of the cost).
 - `adp` (Pang et al. 2019): `config.defense.adp.members` (3), `.alpha` (2, ensemble entropy),
   `.beta` (0.5, log-det diversity); deployed and attacked as the averaged ensemble.
 - `adv_bnn` (Liu et al. 2019): `config.defense.adv_bnn.prior_sigma`, `.kl_weight` (alpha of

@@ -7,7 +7,10 @@
 Needs PyTorch (requirements-bench.txt) and the published package, which is not on the package
 index: `pip install git+https://github.com/fra31/auto-attack` (or its source on PYTHONPATH).
 
-The deployed model of the run (any `config.defense`, deterministic only) is wrapped as a
+`--version=rand --defence=sap` compares `autoattack_rand` with the published `rand` version
+(APGD-CE and APGD-DLR with EOT 20) on a randomised defence put in front of the run's classifier.
+
+The deployed model of the run (any `config.defense`) is wrapped as a
 PyTorch module whose forward pass is our jitted JAX forward pass and whose backward pass is its
 JAX vector-Jacobian product: both implementations attack the very same function, so the
 comparison isolates the attacks. AutoAttack's `standard` version (APGD-CE, APGD-T over 9
@@ -50,18 +53,42 @@ _SEED = flags.DEFINE_integer('seed', 0, 'Seed of both.')
 _OUT = flags.DEFINE_string('out', '', 'JSON file to write (else only printed).')
 # The published names of AutoAttack's components -> ours (autoattack's parts, specs.ENSEMBLES).
 COMPONENTS = {'apgd-ce': 'apgd_ce', 'apgd-t': 'apgd_t', 'fab-t': 'fab_t', 'square': 'square'}
-_COMPONENTS = flags.DEFINE_list('components', list(COMPONENTS), 'The cascade run by both, in '
-                                'order (a subset compares single components: --components=fab-t).')
+RAND_COMPONENTS = {'apgd-ce': 'apgd_ce', 'apgd-dlr': 'apgd_dlr'}
+VERSIONS = ('standard', 'rand')
+_COMPONENTS = flags.DEFINE_list('components', [], 'The cascade run by both, in order ([] = the '
+                                'whole version; a subset compares single components: '
+                                '--components=fab-t).')
+_VERSION = flags.DEFINE_enum('version', 'standard', list(VERSIONS), 'AutoAttack\'s version: '
+                             'standard (deterministic defences) or rand (randomised: APGD-CE and '
+                             'APGD-DLR with EOT 20).')
+_DRAWS = flags.DEFINE_integer('draws', 2, 'rand: independent runs of our cascade (the '
+                              'published code runs once).')
+_DEFENCE = flags.DEFINE_string('defence', '', 'A config.defense.name needing no training '
+                               '(sap, resize_pad, jpeg, ...; its default fields) put in front of '
+                               'the run\'s classifier ("" = the run as deployed).')
 flags.mark_flags_as_required(['workdir', 'eps'])
 
 
-def torch_module(logits_fn, max_batch: int):
+def torch_module(logits_fn, max_batch: int, key: jax.Array | None = None):
   """A torch.nn.Module (NCHW in [0, 1] -> logits) running `logits_fn` (NHWC, JAX) forward and
-  its VJP backward; batches padded to a power of two (few shapes compiled)."""
+  its VJP backward; batches padded to a power of two (few shapes compiled).
+
+  With `key` the function is randomised, `logits_fn(x, key)`: every forward call draws anew
+  (fold_in(key, call number)) and its backward pass differentiates that same draw, as one EOT
+  sample of the published APGD (eot_iter) is one forward and one backward pass."""
   import torch  # pylint: disable=g-import-not-at-top
 
-  forward = jax.jit(logits_fn)
-  backward = jax.jit(lambda x, ct: jax.vjp(logits_fn, x)[1](ct)[0])
+  if key is None:
+    forward = jax.jit(lambda x, k: logits_fn(x))
+    backward = jax.jit(lambda x, k, ct: jax.vjp(logits_fn, x)[1](ct)[0])
+  else:
+    forward = jax.jit(logits_fn)
+    backward = jax.jit(lambda x, k, ct: jax.vjp(lambda z: logits_fn(z, k), x)[1](ct)[0])
+  calls = [0]
+
+  def next_key():
+    calls[0] += 1
+    return jax.random.fold_in(key if key is not None else jax.random.key(0), calls[0])
 
   def padded(a: np.ndarray) -> tuple[np.ndarray, int]:
     n = a.shape[0]
@@ -74,14 +101,15 @@ def torch_module(logits_fn, max_batch: int):
     def forward(ctx, x):  # pylint: disable=arguments-differ
       nhwc, n = padded(x.detach().cpu().numpy().transpose(0, 2, 3, 1).astype(np.float32))
       ctx.save_for_backward(x)
-      return torch.from_numpy(np.asarray(forward(jnp.asarray(nhwc)))[:n].copy())
+      ctx.key = next_key()
+      return torch.from_numpy(np.asarray(forward(jnp.asarray(nhwc), ctx.key))[:n].copy())
 
     @staticmethod
     def backward(ctx, grad_out):  # pylint: disable=arguments-differ
       (x,) = ctx.saved_tensors
       nhwc, n = padded(x.detach().cpu().numpy().transpose(0, 2, 3, 1).astype(np.float32))
       ct, _ = padded(grad_out.detach().cpu().numpy().astype(np.float32))
-      g = np.asarray(backward(jnp.asarray(nhwc), jnp.asarray(ct)))[:n]
+      g = np.asarray(backward(jnp.asarray(nhwc), ctx.key, jnp.asarray(ct)))[:n]
       return torch.from_numpy(g.transpose(0, 3, 1, 2).copy())
 
   class Module(torch.nn.Module):
@@ -92,63 +120,92 @@ def torch_module(logits_fn, max_batch: int):
   return Module().eval()
 
 
-def our_specs(dataset: str, eps: float, components) -> list[specs_lib.AttackSpec]:
-  """Our `autoattack` entry's parts named by `components` (published names), in that order."""
-  unknown = sorted(set(components) - set(COMPONENTS))
+def our_specs(dataset: str, eps: float, components, version: str = 'standard'
+              ) -> list[specs_lib.AttackSpec]:
+  """Our `autoattack` (`version` 'rand': `autoattack_rand`) entry's parts named by
+  `components` (published names), in that order."""
+  known = COMPONENTS if version == 'standard' else RAND_COMPONENTS
+  unknown = sorted(set(components) - set(known))
   if unknown:
-    raise ValueError(f'--components: unknown {unknown}; known: {list(COMPONENTS)}')
+    raise ValueError(f'--components: unknown {unknown} for --version={version}; known: '
+                     f'{list(known)}')
+  entry = 'autoattack' if version == 'standard' else 'autoattack_rand'
   parts = {s.key: s for s in specs_lib.ensemble_specs(config_lib.get_base_config().eval,
-                                                       dataset, 'autoattack', {'eps': eps})}
-  return [parts[f'autoattack:{COMPONENTS[c]}'] for c in components]
+                                                       dataset, entry, {'eps': eps})}
+  return [parts[f'{entry}:{known[c]}'] for c in components]
 
 
 def compare(defence, images: np.ndarray, labels: np.ndarray, dataset: str, eps: float,
-            batch_size: int, seed: int, components=tuple(COMPONENTS)) -> dict:
-  """Both AutoAttacks (`components`, in order) on `defence` (deterministic)."""
+            batch_size: int, seed: int, components=None, version: str = 'standard',
+            draws: int = 2) -> dict:
+  """Both AutoAttacks (`components`, in order; default: the whole `version`) on `defence`.
+
+  'standard' needs a deterministic defence. 'rand' (APGD-CE -> APGD-DLR, EOT 20) needs a
+  randomised one: each implementation's robust set is its own cascade's verdict (one draw of the
+  defence per check, as the published code decides: its returned labels); ours runs `draws`
+  independent times (every attack and check key differs), the per-image agreement is of the
+  first; the published code runs once."""
   import torch  # pylint: disable=g-import-not-at-top
   from autoattack import AutoAttack  # pylint: disable=g-import-not-at-top
 
-  if defence.randomised:
-    raise ValueError(f'{defence.name} is randomised: compare deterministic defences only')
-  specs = our_specs(dataset, eps, components)
+  if version not in VERSIONS:
+    raise ValueError(f'--version={version!r} is not one of {VERSIONS}')
+  if (version == 'rand') != bool(defence.randomised):
+    raise ValueError(f'{defence.name} is {"" if defence.randomised else "not "}randomised: '
+                     f'--version={"rand" if defence.randomised else "standard"} compares it')
+  components = tuple(components or (COMPONENTS if version == 'standard' else RAND_COMPONENTS))
+  entry = 'autoattack' if version == 'standard' else 'autoattack_rand'
+  specs = our_specs(dataset, eps, components, version)
+  key = jax.random.key(seed)
   ours = evaluation.ensemble_results(
-      defence, images, labels, specs, batch_size, jax.random.key(seed), draws=1,
+      defence, images, labels, specs, batch_size, key, draws=draws if version == 'rand' else 1,
       view='exact', eot_samples=1, eot_chunk=1, progress=False)
-  ours_robust = np.asarray(ours['autoattack'].ok_per_draw[0], bool)
+  ours_robust = np.asarray(ours[entry].ok_per_draw[0], bool)
 
+  rand = version == 'rand'
   model = defence.attack_model('exact', 1, 1)
-  net = torch_module(lambda x: model.logits(x, None), batch_size)
+  torch_key = jax.random.fold_in(key, 0x70C4) if rand else None
+  net = torch_module((lambda x, k: model.logits(x, k)) if rand else
+                     (lambda x: model.logits(x, None)), batch_size, torch_key)
   x_t = torch.from_numpy(images.transpose(0, 3, 1, 2).copy())
   y_t = torch.from_numpy(labels.astype(np.int64))
   torch.manual_seed(seed)
-  adversary = AutoAttack(net, norm='Linf', eps=eps, version='standard', device='cpu',
-                         seed=seed)
+  adversary = AutoAttack(net, norm='Linf', eps=eps, version=version, device='cpu', seed=seed)
   adversary.attacks_to_run = list(components)
   log = io.StringIO()
   with redirect_stdout(log):
-    x_adv = adversary.run_standard_evaluation(x_t, y_t, bs=batch_size)
+    x_adv, y_adv = adversary.run_standard_evaluation(x_t, y_t, bs=batch_size,
+                                                     return_labels=True)
   adv = x_adv.numpy().transpose(0, 2, 3, 1)
   if float(np.abs(adv - images).max()) > eps + 1e-5 or adv.min() < 0 or adv.max() > 1:
     raise RuntimeError('the published AutoAttack returned points outside the eps-ball or [0, 1]')
-  logits = np.asarray(jax.jit(lambda x: model.logits(x, None))(jnp.asarray(adv)))
-  theirs_robust = logits.argmax(-1) == labels
-  clean = np.asarray(jax.jit(lambda x: model.logits(x, None))(jnp.asarray(images))
-                     ).argmax(-1) == labels
+  classify = jax.jit(lambda x, k: jnp.argmax(model.logits(x, k if rand else None), -1))
+  if rand:  # its own verdict: the labels its cascade's checks saw
+    theirs_robust = y_adv.numpy() == labels
+  else:
+    theirs_robust = np.asarray(classify(jnp.asarray(adv), key)) == labels
+  clean = np.asarray(classify(jnp.asarray(images), key)) == labels
   n = len(labels)
   count = lambda m: int(np.sum(m))
-  return {
+  result = {
       'model': defence.name, 'dataset': dataset, 'eps': eps, 'norm': 'linf',
-      'num_examples': n, 'clean_correct': count(clean),
-      'ours': {'robust': count(ours_robust),
+      'num_examples': n, 'clean_correct': count(clean), 'version': version,
+      'ours': {'entry': entry, 'robust': count(ours_robust),
                'components': {k: ours[k].correct for k in ours}},
       'published': {'robust': count(theirs_robust),
-                    'version': 'standard', 'components': list(components), 'log': log.getvalue().strip().splitlines()},
+                    'version': version, 'components': list(components), 'log': log.getvalue().strip().splitlines()},
       'agreement': {'both_robust': count(ours_robust & theirs_robust),
                     'both_broken': count(~ours_robust & ~theirs_robust),
                     'robust_for_ours_only': count(ours_robust & ~theirs_robust),
                     'robust_for_published_only': count(~ours_robust & theirs_robust),
                     'fraction': float(np.mean(ours_robust == theirs_robust))},
   }
+  if rand:
+    per_draw = [int(np.sum(d)) for d in ours[entry].ok_per_draw]
+    result['ours']['robust_per_draw'] = per_draw
+    result['ours']['components_per_draw'] = {
+        k: [int(np.sum(d)) for d in ours[k].ok_per_draw] for k in ours}
+  return result
 
 
 def main(argv):
@@ -162,10 +219,13 @@ def main(argv):
   ds = data_lib.dataset_of(config)
   config.eval.num_examples = _N.value
   images, labels = test_split(ds, config.eval)
+  if _DEFENCE.value:  # an input-side defence (no training) in front of the run's classifier
+    config.defense.name = _DEFENCE.value
+    config.defense.classifier_workdir = os.path.abspath(_WORKDIR.value)
   defence = registry.build(config, _WORKDIR.value, ds)
   result = compare(defence, np.asarray(images, np.float32), np.asarray(labels, np.int32),
                    config.data.name, _EPS.value, _BATCH.value, _SEED.value,
-                   tuple(_COMPONENTS.value))
+                   tuple(_COMPONENTS.value) or None, _VERSION.value, _DRAWS.value)
   result['workdir'] = os.path.abspath(_WORKDIR.value)
   print(json.dumps(result, indent=1))
   if _OUT.value:

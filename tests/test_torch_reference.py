@@ -90,3 +90,32 @@ def test_the_torch_wrapper_of_a_jax_model_has_its_logits_and_input_gradients():
   want = jax.vjp(fn, jnp.asarray(x))[1](jnp.asarray(ct))[0]
   np.testing.assert_allclose(xt.grad.numpy(), np.asarray(want).transpose(0, 3, 1, 2),
                              atol=1e-5)
+
+
+def test_the_randomised_torch_wrapper_differentiates_the_draw_of_its_forward_pass():
+  """With a key: each forward call draws anew, and its backward pass is the VJP of that very
+  draw (one EOT sample of the published APGD = one forward + one backward)."""
+  from launch import torch_autoattack  # pylint: disable=g-import-not-at-top
+  w = jax.random.normal(jax.random.key(0), (4 * 4 * 2, 3))
+
+  def fn(x, k):  # random multiplicative mask: the gradient depends on the draw
+    m = jax.random.bernoulli(k, 0.5, x.shape).astype(x.dtype)
+    return jnp.tanh((m * x).reshape(x.shape[0], -1) @ w)
+
+  key = jax.random.key(7)
+  net = torch_autoattack.torch_module(fn, max_batch=8, key=key)
+  x = np.asarray(jax.random.uniform(jax.random.key(1), (5, 4, 4, 2)))
+  outs, grads = [], []
+  for call in (1, 2):
+    xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).requires_grad_()
+    out = net(xt)
+    out.sum().backward()
+    k = jax.random.fold_in(key, call)
+    xp = np.concatenate([x, np.zeros((3, 4, 4, 2), np.float32)])  # padded to 8 inside
+    np.testing.assert_allclose(out.detach().numpy(), np.asarray(fn(jnp.asarray(xp), k))[:5],
+                               atol=1e-5)
+    want = jax.grad(lambda z: fn(z, k).sum())(jnp.asarray(xp))[:5]
+    np.testing.assert_allclose(xt.grad.numpy(), np.asarray(want).transpose(0, 3, 1, 2),
+                               atol=1e-5)
+    outs.append(out.detach().numpy())
+  assert np.abs(outs[0] - outs[1]).max() > 1e-3  # two calls, two draws

@@ -142,7 +142,8 @@ def test_parseval_run_reports_singular_values_and_refuses_a_plain_load(tmp_path)
 @pytest.mark.parametrize('name,term,fields', [
     ('cross_lipschitz', 'cross_lipschitz', {}),
     ('cross_lipschitz', 'cross_lipschitz', {'projections': 2}),
-    ('deep_defense', 'deep_defense', {})])
+    ('deep_defense', 'deep_defense', {}),
+    ('deep_defense', 'deep_defense', {'examples': 3})])
 def test_input_gradient_regularisers_enter_the_loss(digits, name, term, fields):
   config = _config(name, **fields)
   recipe = recipes.make_recipe(config, digits, 2)
@@ -155,6 +156,12 @@ def test_input_gradient_regularisers_enter_the_loss(digits, name, term, fields):
   weight = config.defense[name].weight
   np.testing.assert_allclose(float(m['loss']) - float(m0['loss']), weight * float(m[term]),
                              rtol=1e-4)
+  if name == 'deep_defense' and fields.get('examples'):
+    # on 3 of the 8 examples: another value than the whole batch's
+    rec = recipes.make_recipe(_config(name), digits, 2)
+    _, mf = jax.jit(lambda s, w: recipes.train_step(s, x, y, w, jax.random.key(1), recipe=rec))(
+        state, jnp.asarray([1.0, 1.0]))
+    assert float(m[term]) != float(mf[term])
   if fields.get('projections'):  # an estimate: close to the exact term, not equal to it
     exact = _config(name)
     _, me = jax.jit(lambda s, w: recipes.train_step(

@@ -152,6 +152,10 @@ def defence_config() -> ml_collections.ConfigDict:
   d.deep_defense.d = 5.0
   d.deep_defense.steps = 5
   d.deep_defense.overshoot = 0.02
+  # 0: the regulariser on every example of a batch (as the reference); m > 0: on m examples
+  # drawn at random from each batch without replacement (an unbiased estimate of the batch
+  # mean at m / batch of the unrolled DeepFool's cost).
+  d.deep_defense.examples = 0
   # ADP (Pang et al. 2019): `members` classifiers (config.model) trained jointly: sum of their
   # CE - alpha x ensemble entropy - beta x log-det diversity of the normalised non-maximal
   # predictions; deployed (and attacked) as the averaged ensemble.

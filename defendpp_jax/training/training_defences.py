@@ -50,6 +50,8 @@ ROLES = ('teacher', 'student')
 _BNN_CRAFT = 0xB2
 # fold_in constant of Cross-Lipschitz's random projections.
 _CROSS_LIPSCHITZ = 0xC1
+# fold_in constant of Deep Defense's choice of examples.
+_DEEP_DEFENSE = 0xDD
 
 
 def _needs_plain_model(config: ml_collections.ConfigDict) -> None:
@@ -257,9 +259,19 @@ def cross_lipschitz_recipe(config, ds, spe) -> recipes.Recipe:
 
 def deep_defense_recipe(config, ds, spe) -> recipes.Recipe:
   dd = config.defense.deep_defense
+  if not isinstance(dd.examples, int) or dd.examples < 0:
+    raise ValueError('config.defense.deep_defense.examples must be an integer >= 0 (0 = the '
+                     f'whole batch), got {dd.examples!r}')
   reg = functools.partial(regularisers.deep_defense_regulariser, steps=dd.steps, c=dd.c,
                           d=dd.d, overshoot=dd.overshoot)
-  return _regularised(config, ds, spe, 'deep_defense', reg, dd.weight)
+
+  def subset_reg(f, x, y, key):
+    if not dd.examples or dd.examples >= x.shape[0]:
+      return reg(f, x, y)
+    idx = jax.random.choice(jax.random.fold_in(key, _DEEP_DEFENSE), x.shape[0],
+                            (dd.examples,), replace=False)
+    return reg(f, jnp.take(jnp.asarray(x), idx, axis=0), jnp.take(jnp.asarray(y), idx, axis=0))
+  return _regularised(config, ds, spe, 'deep_defense', subset_reg, dd.weight, keyed=True)
 
 
 # ---------------------------------------------------------------------------------------------
