@@ -96,7 +96,8 @@ def run_figure(figure: str, workdir: str, budget: str = 'cpu',
     print(f'=== {figure} {dataset}: "ours" in {run_dir}', flush=True)
     summary = runner._train(config, run_dir)  # pylint: disable=protected-access
     analysis = analyse(config, run_dir)
-    png = os.path.join(figures_dir, f'{figure}_{dataset}{"" if budget == "cpu" else "_" + budget}.png')
+    tag = '' if budget == 'cpu' else f'_{budget}'
+    png = os.path.join(figures_dir, f'{figure}_{dataset}{tag}.png')
     if figure == 'fig7':
       reporting.plot_reconstructions(analysis['rec'], png)
     else:
