@@ -220,11 +220,16 @@ def test_nearest_patches_is_exact():
   db = rng.uniform(size=(300, 75)).astype(np.float32)
   queries = rng.uniform(size=(50, 75)).astype(np.float32)
   queries[:5] = db[[3, 77, 150, 299, 0]]  # exact hits, also in the last (padded) chunk
+  # query 6's 16 nearest side by side (across block boundaries): a block holds several of them
+  db[100:116] = queries[6] + rng.normal(scale=1e-2, size=(16, 75)).astype(np.float32)
   d2 = ((queries[:, None].astype(np.float64) - db[None].astype(np.float64)) ** 2).sum(-1)
   expected = np.argsort(d2, axis=1)[:, :10]
-  for chunk, query_chunk in [(64, 16), (4096, 4096), (7, 50)]:
+  # block pruning on and off (block 1 ranks every row; 300 blocks of 1 > k), blocks that do not
+  # divide the chunk, fewer blocks per chunk than k (every row ranked)
+  for chunk, query_chunk, block in [(64, 16, 16), (4096, 4096, 16), (7, 50, 3), (64, 16, 1),
+                                    (96, 50, 5), (40, 50, 8)]:
     got = np.asarray(ql.nearest_patches(jnp.asarray(queries), jnp.asarray(db), 10, chunk,
-                                        query_chunk))
+                                        query_chunk, block))
     assert got.shape == (50, 10)
     for g, e, row in zip(got, expected, d2):
       assert set(g) == set(e)
