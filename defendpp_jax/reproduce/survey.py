@@ -344,7 +344,6 @@ def run_survey(table: str, workdir: str, budget: str = 'cpu',
   chosen = [BY_NAME[n] for n in defences] if defences else list(DEFENCES)
   t0 = time.time()
   result = {'table': table, 'budget': budget, 'seed': seed, 'datasets': {},
-            'attacks': {ds: list(attack_entries(ds)) for ds in datasets},
             'eval': SURVEY_EVAL, 'randomised_draws': RANDOMISED_DRAWS}
   name = f'survey_{table}{"" if budget == "cpu" else "_" + budget}'
   path = os.path.join(results_dir, f'{name}.json')
@@ -392,6 +391,7 @@ def saved_datasets(path: str) -> dict[str, Any]:
 
 
 def _write(result, name, results_dir, docs_path) -> None:
+  result['attacks'] = {ds: list(attack_entries(ds)) for ds in result['datasets']}
   files.write_json(os.path.join(results_dir, f'{name}.json'), result)
   md = survey_report.markdown(result)
   files.write_text(os.path.join(results_dir, f'{name}.md'), md)
