@@ -303,6 +303,8 @@ def test_hgd_reproduction_writes_its_table_and_docs_section(tmp_path, monkeypatc
       'oblivious'}
   assert {a['view'] for k, a in rows[1]['attacks'].items() if k.startswith('adaptive:')} == {
       'exact'}
+  # the adaptive attacks run as a worst-case cascade, the oblivious ones each on every image
+  assert all(a['worst_case'] == k.startswith('adaptive:') for k, a in rows[1]['attacks'].items())
   # the adaptive attack through D and f is at least as strong as the oblivious one
   for i in (1, 2):
     assert rows[1]['ours'][f'Adaptive eps{i}'] <= rows[1]['ours'][f'White eps{i}']
