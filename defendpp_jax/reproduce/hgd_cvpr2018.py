@@ -23,7 +23,8 @@ Every row has the paper's five columns, each measured:
   Black eps1 / eps2   the same attacks crafted on the held-out ResNet-34
 and the column a reader must see first:
   Adaptive eps1 / 2   PGD-100, APGD-CE and APGD-DLR (100 steps) through the denoiser and the
-                      classifier together; the column is the strongest attack's accuracy
+                      classifier together, as a cascade (each attack on the images the ones
+                      before it left correct): the column is the per-example worst case
 eps1 / eps2 = 4 / 255 and 16 / 255 on CIFAR-10 (the paper's), 0.075 / 0.3 on MNIST (the same
 levels of MNIST's 0.3 / 16 unit). Each evaluation is a robustness.json under
 WORKDIR/<dataset>-<budget>/evals/hgd_* reused when its config is unchanged: a stopped run
