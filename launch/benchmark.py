@@ -85,6 +85,8 @@ _TRAINING = flags.DEFINE_bool('training_defences', False, 'Instead: the training
 _AUTOATTACK = flags.DEFINE_bool('autoattack', False, 'Instead: Square per 1,000 queries and '
                                 'autoattack end to end on MNIST (launch/benchmark_attacks.py).')
 _AA_IMAGES = flags.DEFINE_integer('aa_images', 1000, 'Test images autoattack runs on.')
+_AA_EPS = flags.DEFINE_list('aa_eps', ['0.3'], 'L-inf eps of the autoattack runs (one run each: '
+                            'at a small eps every component has images left to attack).')
 _AA_WORKDIR = flags.DEFINE_string('aa_workdir', '', 'The trained MNIST run autoattack attacks '
                                   '(trained there first if empty of one).')
 _MNIST_DIR = flags.DEFINE_string('mnist_dir', '', 'MNIST IDX files for --autoattack.')
@@ -393,8 +395,10 @@ def _main_autoattack() -> None:
   for width in (int(w) for w in _WIDTH.value):
     records = [benchmark_attacks.bench_square(width, (28, 28, 1), _BATCH.value, 1000,
                                               _REPEATS.value)]
-    records += benchmark_attacks.bench_autoattack(width, _BATCH.value, _AA_IMAGES.value,
-                                                  _MNIST_DIR.value, _AA_WORKDIR.value)
+    for eps in _AA_EPS.value:
+      records += benchmark_attacks.bench_autoattack(width, _BATCH.value, _AA_IMAGES.value,
+                                                    _MNIST_DIR.value, _AA_WORKDIR.value,
+                                                    float(eps))
     for r in records:
       r['cpu'] = cpu_kind()
       if _JSON.value:

@@ -1,30 +1,40 @@
 """Square and the AutoAttack-style ensemble in the benchmark (`python -m launch.benchmark --autoattack`).
 
   python -m launch.benchmark --autoattack --width=16 --input=28x28x1 --batch=250 \
-      --mnist_dir=../shared/data/mnist [--aa_workdir=W] [--aa_images=1000] [--json]
+      --mnist_dir=../shared/data/mnist [--aa_workdir=W] [--aa_images=1000] [--aa_eps=0.3,0.1] \
+      [--json]
 
 Measured in one run:
   - Square (L-inf) on a randomly initialised ResNet-18, labelled with its own predictions and at
     an eps too small to break anything, so that every example spends the whole budget:
     img/s per 1,000 queries (its cost does not depend on the weights);
-  - `autoattack` (APGD-CE -> APGD-T -> Square, the cascade of evaluation.evaluate) end to end on
-    the first --aa_images MNIST test images at eps 0.3, on the trained ResNet-18 of
+  - `autoattack` (APGD-CE -> APGD-T -> FAB-T -> Square, the cascade of evaluation.evaluate) end to end on
+    the first --aa_images MNIST test images at each --aa_eps (0.3), on the trained ResNet-18 of
     --aa_workdir (trained there first, one epoch at the `cpu` budget's settings, if it holds no
     run): wall time, and per component its wall time (compilation included), the examples it
     attacked and the robust accuracy after it.
-The published AutoAttack (PyTorch, fra31/auto-attack) installs only from its git repository,
-which this machine cannot reach: no PyTorch figure is measured here. Records: {"work":
-"square" | "autoattack" | "autoattack_component", ...}. Time nothing else while this runs.
+  - where PyTorch and the published AutoAttack (fra31/auto-attack: `pip install
+    git+https://github.com/fra31/auto-attack`, or its source on PYTHONPATH) import, the published
+    `standard` version on a PyTorch ResNet-18 holding the same weights (launch.torch_resnet;
+    the largest logit difference from the JAX model is recorded), on the same images in the
+    same run: its wall time, the cumulative time after each of its attacks (from its log), the
+    ratio of the two wall times and the per-image agreement of the robust sets.
+Records: {"work": "square" | "autoattack" | "autoattack_component" | "published_autoattack" |
+"published_autoattack_component", ...}. Time nothing else while this runs.
 """
 
 from __future__ import annotations
 
+from contextlib import redirect_stdout
+import io
 import os
+import re
 import tempfile
 import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from defendpp_jax import attacks
 from defendpp_jax import data as data_lib
@@ -62,7 +72,7 @@ def _trained_run(workdir: str, mnist_dir: str, width: int):
   if not os.path.isfile(os.path.join(workdir, 'train_summary.json')):
     training.train_and_evaluate(config, workdir)
   ds = data_lib.dataset_of(config)
-  return registry.build(config, workdir, ds), ds
+  return registry.build(config, workdir, ds), config, ds
 
 
 def autoattack_breakdown(defence, images, labels, batch: int, eps: float,
@@ -91,17 +101,90 @@ def autoattack_breakdown(defence, images, labels, batch: int, eps: float,
   common = {'images': len(labels), 'eps': eps, 'batch': batch, 'model': defence.name}
   return [{**r, **common} for r in records] + [
       {'work': 'autoattack', 'wall_s': total, 'img_per_s': len(labels) / total,
-       'robust_accuracy': records[-1]['robust_accuracy'], **common}]
+       'robust_accuracy': records[-1]['robust_accuracy'], **common,
+       ROBUST_MASK: np.asarray(alive[0], bool)}]
+
+
+# The key of the final robust mask on the `autoattack` record (dropped before printing).
+ROBUST_MASK = '_robust'
+# AutoAttack's log line after each of its attacks: cumulative time and robust accuracy.
+_AA_LINE = re.compile(r'robust accuracy after (\S+): ([0-9.]+)% \(total time ([0-9.]+) s\)')
+
+
+def published_autoattack(net, images, labels, batch: int, eps: float, seed: int = 0
+                         ) -> list[dict]:
+  """The published AutoAttack (fra31/auto-attack, `standard`: APGD-CE, APGD-T, FAB-T, Square;
+  L-inf) on the PyTorch module `net` (pixels in [0, 1], NCHW): its wall time end to end and,
+  from its own log, the cumulative time and robust accuracy after each attack."""
+  import torch  # pylint: disable=g-import-not-at-top
+  from autoattack import AutoAttack  # pylint: disable=g-import-not-at-top
+
+  x = torch.from_numpy(np.ascontiguousarray(np.asarray(images, np.float32).transpose(0, 3, 1, 2)))
+  y = torch.from_numpy(np.asarray(labels, np.int64))
+  adversary = AutoAttack(net, norm='Linf', eps=eps, version='standard', seed=seed,
+                         device='cpu')
+  log = io.StringIO()
+  t0 = time.perf_counter()
+  with redirect_stdout(log):
+    x_adv = adversary.run_standard_evaluation(x, y, bs=batch)
+  total = time.perf_counter() - t0
+  with torch.no_grad():
+    robust = np.concatenate([(net(x_adv[i:i + batch]).argmax(1) == y[i:i + batch]).numpy()
+                             for i in range(0, len(y), batch)])
+  common = {'images': len(labels), 'eps': eps, 'batch': batch, 'framework': 'torch',
+            'torch_threads': torch.get_num_threads()}
+  records = [{'work': 'published_autoattack_component', 'component': name.lower(),
+              'cumulative_s': float(t), 'robust_accuracy': float(acc) / 100, **common}
+             for name, acc, t in _AA_LINE.findall(log.getvalue())]
+  return records + [{'work': 'published_autoattack', 'wall_s': total,
+                     'img_per_s': len(labels) / total, 'robust_accuracy': float(robust.mean()),
+                     **common, ROBUST_MASK: robust}]
+
+
+def torch_twin(defence, config, ds):
+  """A PyTorch ResNet-18 holding the weights of the plain run's `defence` (launch.torch_resnet),
+  in inference mode, and the largest |logit| difference from the JAX model on 256 test images.
+  Raises ImportError without PyTorch."""
+  import torch  # pylint: disable=g-import-not-at-top
+  from launch import torch_resnet  # pylint: disable=g-import-not-at-top
+  net = torch_resnet.resnet18(config.model.width, ds.image_shape[-1], ds.num_classes, ds.mean,
+                              ds.std, config.model.padding)
+  torch_resnet.load_jax_variables(net, defence.variables)
+  net.eval()
+  x = np.asarray(ds.test_images[:256], np.float32)
+  with torch.no_grad():
+    theirs = net(torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))).numpy()
+  ours = np.asarray(defence.logits(defence.variables, jnp.asarray(x)))
+  return net, float(np.abs(theirs - ours).max())
+
+
+def agreement(ours: np.ndarray, theirs: np.ndarray) -> dict[str, int]:
+  """Per-image agreement of two robust masks."""
+  return {'both_robust': int((ours & theirs).sum()), 'both_broken': int((~ours & ~theirs).sum()),
+          'ours_only_robust': int((ours & ~theirs).sum()),
+          'theirs_only_robust': int((~ours & theirs).sum())}
 
 
 def bench_autoattack(width: int, batch: int, n_images: int, mnist_dir: str,
                      workdir: str = '', eps: float = 0.3) -> list[dict]:
   """`autoattack` end to end on n_images MNIST test images, and each component's share."""
   workdir = workdir or os.path.join(tempfile.gettempdir(), f'aa_bench_w{width}')
-  defence, ds = _trained_run(workdir, mnist_dir, width)
-  records = autoattack_breakdown(defence, ds.test_images[:n_images],
-                                 ds.test_labels[:n_images], batch, eps)
-  return [{**r, 'width': width} for r in records]
+  defence, config, ds = _trained_run(workdir, mnist_dir, width)
+  images, labels = ds.test_images[:n_images], ds.test_labels[:n_images]
+  records = autoattack_breakdown(defence, images, labels, batch, eps)
+  try:
+    net, diff = torch_twin(defence, config, ds)
+    published = published_autoattack(net, images, labels, batch, eps)
+  except ImportError as e:  # PyTorch or the published package not installed
+    print(f'published AutoAttack not timed: {e}', flush=True)
+    published = []
+  if published:
+    ours, theirs = records[-1], published[-1]
+    theirs.update(max_logit_diff=diff, agreement=agreement(ours[ROBUST_MASK],
+                                                             theirs[ROBUST_MASK]),
+                  wall_s_ratio_published_over_ours=theirs['wall_s'] / ours['wall_s'])
+  return [{**{k: v for k, v in r.items() if k != ROBUST_MASK}, 'width': width}
+          for r in records + published]
 
 
 def lines(records: list[dict]) -> list[str]:
@@ -114,6 +197,16 @@ def lines(records: list[dict]) -> list[str]:
     elif r['work'] == 'autoattack_component':
       out.append(f'  {r["component"]:22s} {r["wall_s"]:8.1f} s on {r["attacked"]:5d} '
                  f'examples -> robust {100 * r["robust_accuracy"]:.1f}%')
+    elif r['work'] == 'published_autoattack_component':
+      out.append(f'  {r["component"]:22s} {r["cumulative_s"]:8.1f} s since the start -> '
+                 f'robust {100 * r["robust_accuracy"]:.1f}%')
+    elif r['work'] == 'published_autoattack':
+      out.append(f'published AutoAttack (PyTorch, {r["torch_threads"]} threads, same weights: '
+                 f'max |logit difference| {r.get("max_logit_diff", float("nan")):.2g}) on '
+                 f'{r["images"]} MNIST images, eps {r["eps"]}: {r["wall_s"]:.1f} s end to end '
+                 f'({r["img_per_s"]:.2f} img/s), robust {100 * r["robust_accuracy"]:.1f}%; '
+                 f'{r.get("wall_s_ratio_published_over_ours", float("nan")):.2f} x our wall '
+                 f'time; per image {r.get("agreement")}')
     else:
       out.append(f'autoattack {r["model"]} on {r["images"]} MNIST images, eps {r["eps"]}: '
                  f'{r["wall_s"]:.1f} s end to end ({r["img_per_s"]:.2f} img/s), robust '

@@ -1,5 +1,7 @@
 """The benchmark's convolution inventory (launch.benchmark --ops) matches the architectures."""
 
+import pytest
+
 from launch import benchmark
 
 
@@ -111,3 +113,40 @@ def test_autoattack_benchmark_breakdown_is_the_evaluated_cascade():
   sq = benchmark_attacks.bench_square(2, (28, 28, 1), 2, 10, 1)
   assert sq['img_per_s_per_1000_queries'] > 0
   assert len(benchmark_attacks.lines(records + [sq])) == len(records) + 1
+
+
+def test_published_autoattack_records_read_its_log_and_score_its_output(monkeypatch):
+  """The published AutoAttack's timing (launch.benchmark --autoattack): the cumulative time
+  and robust accuracy after each attack come from its log lines, the final robust accuracy
+  from classifying what it returns; the per-image agreement counts the four cases."""
+  import sys
+  import types
+  import numpy as np
+  torch = pytest.importorskip('torch')
+  from launch import benchmark_attacks
+
+  class FakeAutoAttack:  # the published class's interface and log format
+    def __init__(self, model, norm, eps, version, seed, device):
+      assert (norm, version, device) == ('Linf', 'standard', 'cpu')
+
+    def run_standard_evaluation(self, x, y, bs):
+      print('robust accuracy after APGD-CE: 50.00% (total time 1.5 s)')
+      print('robust accuracy after APGD-T: 25.00% (total time 3.0 s)')
+      return x
+
+  monkeypatch.setitem(sys.modules, 'autoattack', types.SimpleNamespace(AutoAttack=FakeAutoAttack))
+  net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 2, bias=False))
+  with torch.no_grad():
+    net[1].weight.copy_(torch.tensor([[1., 0, 0, 0], [0, 1., 0, 0]]))
+  x = np.zeros((4, 2, 2, 1), np.float32)
+  x[:, 0, 0, 0], x[:, 0, 1, 0] = [1, 1, 0, 0], [0, 0, 1, 1]   # predicted class: 0 0 1 1
+  y = np.array([0, 1, 1, 1])
+  records = benchmark_attacks.published_autoattack(net, x, y, 2, 0.1)
+  parts = [r for r in records if r['work'] == 'published_autoattack_component']
+  assert [(p['component'], p['cumulative_s'], p['robust_accuracy']) for p in parts] == [
+      ('apgd-ce', 1.5, 0.5), ('apgd-t', 3.0, 0.25)]
+  assert records[-1]['robust_accuracy'] == 0.75
+  mask = records[-1][benchmark_attacks.ROBUST_MASK]
+  assert mask.tolist() == [True, False, True, True]
+  assert benchmark_attacks.agreement(np.array([True, True, False, False]), mask) == {
+      'both_robust': 1, 'both_broken': 0, 'ours_only_robust': 1, 'theirs_only_robust': 2}

@@ -14,38 +14,6 @@ torch = pytest.importorskip('torch')
 from launch import torch_resnet  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
-def _load_conv(conv, kernel):  # HWIO -> OIHW
-  conv.weight.data = torch.from_numpy(np.asarray(kernel).transpose(3, 2, 0, 1).copy())
-
-
-def _load_bn(bn, params, stats):
-  bn.weight.data = torch.from_numpy(np.asarray(params['scale']).copy())
-  bn.bias.data = torch.from_numpy(np.asarray(params['bias']).copy())
-  bn.running_mean.data = torch.from_numpy(np.asarray(stats['mean']).copy())
-  bn.running_var.data = torch.from_numpy(np.asarray(stats['var']).copy())
-
-
-def _copy_into(net, variables):
-  """Copies a flax Classifier's variables into torch_resnet.resnet18's modules."""
-  p, s = variables['params'], variables['batch_stats']
-  _load_conv(net[1], p['E0']['stem']['kernel'])
-  _load_bn(net[2], p['E0']['stem_bn'], s['E0']['stem_bn'])
-  blocks = [net[i] for i in range(4, 12)]
-  for k in range(4):
-    for i in range(2):
-      b, bp, bs = blocks[2 * k + i], p[f'E{k}'][f'block{i}'], s[f'E{k}'][f'block{i}']
-      c1 = b.c1 if isinstance(b.c1, torch.nn.Conv2d) else b.c1[1]
-      _load_conv(c1, bp['Conv_0']['kernel'])
-      _load_bn(b.b1, bp['BatchNorm_0'], bs['BatchNorm_0'])
-      _load_conv(b.c2, bp['Conv_1']['kernel'])
-      _load_bn(b.b2, bp['BatchNorm_1'], bs['BatchNorm_1'])
-      if b.proj is not None:
-        _load_conv(b.proj[0], bp['proj']['kernel'])
-        _load_bn(b.proj[1], bp['proj_bn'], bs['proj_bn'])
-  net[-1].weight.data = torch.from_numpy(np.asarray(p['head']['kernel']).T.copy())
-  net[-1].bias.data = torch.from_numpy(np.asarray(p['head']['bias']).copy())
-
-
 def _random_variables(model, x):
   """Initial weights with every parameter and BatchNorm statistic perturbed (none trivial)."""
   variables = model.init(jax.random.key(0), x)
@@ -67,11 +35,29 @@ def test_torch_resnet18_is_our_classifier_with_either_padding(shape):
     variables = _random_variables(model, x)  # same shapes and draws for both paddings
     logits[padding] = np.asarray(model.apply(variables, x, train=False))
     net = torch_resnet.resnet18(4, shape[-1], 10, mean, std, padding=padding).eval()
-    _copy_into(net, variables)
+    torch_resnet.load_jax_variables(net, variables)
     with torch.no_grad():
       np.testing.assert_allclose(net(tx).numpy(), logits[padding], rtol=1e-4, atol=1e-4)
   # The two paddings are two functions of the same weights: where the stride-2 windows sit.
   assert np.abs(logits['torch'] - logits['same']).max() > 1e-3
+
+
+def test_torch_weights_load_from_a_runs_nested_variables_and_refuse_another_width():
+  """A run's variables hold the classifier one level down ({'params': {'classifier': ...}});
+  a net of another width is refused by name, not loaded half-way."""
+  model = models.Classifier('resnet18', 10, width=4, image_size=28)
+  x = jax.random.uniform(jax.random.key(3), (2, 28, 28, 1))
+  variables = _random_variables(model, x)
+  nested = {c: {'classifier': variables[c]} for c in ('params', 'batch_stats')}
+  net = torch_resnet.resnet18(4, 1, 10).eval()
+  torch_resnet.load_jax_variables(net, nested)
+  with torch.no_grad():
+    out = net(torch.from_numpy(np.asarray(x).transpose(0, 3, 1, 2).copy())).numpy()
+  np.testing.assert_allclose(out, np.asarray(model.apply(variables, x)), rtol=1e-4, atol=1e-4)
+  with pytest.raises(ValueError, match='another width'):
+    torch_resnet.load_jax_variables(torch_resnet.resnet18(8, 1, 10), nested)
+  with pytest.raises(ValueError, match='no ResNet classifier'):
+    torch_resnet.load_jax_variables(net, {'params': {'x': {}}, 'batch_stats': {}})
 
 
 def test_the_torch_wrapper_of_a_jax_model_has_its_logits_and_input_gradients():
