@@ -28,8 +28,7 @@ of config.model with `config.model.decoder=none`, through `launch.train`, and is
   (lambda of lambda / (n K^2) sum over class pairs of ||grad f_l - grad f_m||^2),
   `.projections` (0 = exact, from all K input gradients; P > 0 = its unbiased estimate from P
   random projections, P backward passes instead of K).
-- `deep_defense` (Yan et al. 2018): fine-tunes `config.train.init_from` with BatchNorm frozen
-  (inference mode, its parameters untrained: the reference's fine-tuning);
+- `deep_defense` (Yan et al. 2018): fine-tunes `config.train.init_from`;
   `config.defense.deep_defense.weight` (lambda, 15), `.c` (25), `.d` (5), `.steps` (the unrolled
   DeepFool steps), `.overshoot`, `.examples` (0 = the regulariser on the whole batch; m = on m
   examples drawn at random from each batch, an unbiased estimate at m / batch of the cost).

@@ -16,7 +16,6 @@ import pytest
 from conftest import quickstart_smoke_config
 from defendpp_jax import data as data_lib
 from defendpp_jax import defences
-from defendpp_jax import losses
 from defendpp_jax import training
 from defendpp_jax.defences import registry
 from defendpp_jax.evaluation import diagnostics
@@ -170,32 +169,6 @@ def test_input_gradient_regularisers_enter_the_loss(digits, name, term, fields):
             state, jnp.asarray([1.0, 1.0]))
     assert float(m[term]) != float(me[term])
     assert 0.2 < float(m[term]) / float(me[term]) < 5
-
-
-def test_deep_defense_fine_tunes_with_batch_norm_frozen_as_its_reference(digits):
-  """deepdefense.pytorch fine-tunes with every BatchNorm in eval mode and untrained: a step
-  moves the convolutions and the head, never BatchNorm's scale, bias or statistics, and the
-  loss is that of the inference-mode network (running statistics)."""
-  config = _config('deep_defense')
-  recipe = recipes.make_recipe(config, digits, 2)
-  state = recipe.init(jax.random.key(0))
-  x, y = digits.train_images[:8], digits.train_labels[:8]
-  new, m = jax.jit(lambda s: recipes.train_step(s, x, y, jnp.asarray([1.0, 1.0]),
-                                                jax.random.key(1), recipe=recipe))(state)
-  moved = {}
-  for (path, a), (_, b) in zip(jax.tree_util.tree_flatten_with_path(state.params)[0],
-                               jax.tree_util.tree_flatten_with_path(new.params)[0]):
-    names = tuple(str(getattr(k, 'key', k)) for k in path)
-    moved[names] = bool(np.any(np.asarray(a) != np.asarray(b)))
-  bn = {k: v for k, v in moved.items() if training_defences._is_batch_norm(k)}  # pylint: disable=protected-access
-  assert bn and not any(bn.values())
-  assert all(v for k, v in moved.items() if k[-1] == 'kernel')
-  for a, b in zip(jax.tree_util.tree_leaves(state.batch_stats),
-                  jax.tree_util.tree_leaves(new.batch_stats)):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  logits = recipe.model.apply({'params': state.params, 'batch_stats': state.batch_stats}, x,
-                              train=False, method='classify')
-  np.testing.assert_allclose(float(m['ce']), float(losses.cross_entropy(logits, y)), rtol=1e-5)
 
 
 def test_adp_trains_an_ensemble_deployed_as_its_mean_softmax(tmp_path):

@@ -13,9 +13,8 @@ adversarial crafting) with its own loss terms, post-update transform or model:
   deployed at T = 1.
 - parseval: after every step the retraction of each convolution / dense kernel, convex residual
   aggregation (classifier.module_of); its final singular values go to train_summary.json.
-- cross_lipschitz, deep_defense: input-gradient regularisers (double back-propagation);
-  Cross-Lipschitz on the training-mode classifier, Deep Defense on the inference-mode one with
-  BatchNorm frozen (as its reference fine-tunes).
+- cross_lipschitz, deep_defense: input-gradient regularisers (double back-propagation) on the
+  training-mode classifier.
 - adp: `members` classifiers in one module (nn.ensemble.Ensemble), the ADP loss.
 - adv_bnn: Bayesian layers (nn.bayes), CE + kl_weight x KL / N, PGD crafted on one weight draw.
 """
@@ -258,20 +257,7 @@ def cross_lipschitz_recipe(config, ds, spe) -> recipes.Recipe:
   return _regularised(config, ds, spe, 'cross_lipschitz', reg, cl.weight, keyed=True)
 
 
-def _is_batch_norm(path: tuple[str, ...]) -> bool:
-  """Whether a parameter's key path lies in a BatchNorm layer (BatchNorm_k, stem_bn, proj_bn,
-  VGG's bn<i>)."""
-  return any(p.startswith('BatchNorm') or p.endswith('_bn') or
-             (p.startswith('bn') and p[2:].isdigit()) for p in path)
-
-
 def deep_defense_recipe(config, ds, spe) -> recipes.Recipe:
-  """CE + weight x the Deep Defense regulariser, fine-tuning with BatchNorm frozen as the
-  reference does (deepdefense.pytorch puts every BatchNorm in eval mode and leaves its
-  parameters untrained): the CE and the unrolled DeepFool both see the inference-mode network
-  (running statistics), and BatchNorm's scale, bias and statistics never change. (With batch
-  statistics, a perturbed example would move the statistics its own DeepFool steps are taken
-  through, and the other examples' with them.)"""
   dd = config.defense.deep_defense
   if not isinstance(dd.examples, int) or dd.examples < 0:
     raise ValueError('config.defense.deep_defense.examples must be an integer >= 0 (0 = the '
@@ -285,29 +271,7 @@ def deep_defense_recipe(config, ds, spe) -> recipes.Recipe:
     idx = jax.random.choice(jax.random.fold_in(key, _DEEP_DEFENSE), x.shape[0],
                             (dd.examples,), replace=False)
     return reg(f, jnp.take(jnp.asarray(x), idx, axis=0), jnp.take(jnp.asarray(y), idx, axis=0))
-
-  _needs_plain_model(config)
-  config = config.copy_and_resolve_references()
-  config.model.conv = 'xla'  # second-order gradients: XLA's convolutions (as _regularised)
-  plain = recipes.classifier_recipe(config, ds, spe)
-  model = plain.model
-  tx = optim.freeze(plain.tx, _is_batch_norm)
-
-  def loss(params, state, images, labels, key, prepared, frozen):
-    del frozen
-    logits_fn = lambda z: model.apply({'params': params, 'batch_stats': state.batch_stats}, z,
-                                      train=False, method='classify')
-    logits = logits_fn(images if prepared is None else prepared)
-    ce = losses.cross_entropy(logits, labels)
-    r = subset_reg(logits_fn, images, labels, key)
-    return ({'ce': ce, 'deep_defense': dd.weight * r}, state.batch_stats,
-            _metrics(logits, labels, ce=ce, deep_defense=r))
-
-  return dataclasses.replace(
-      plain, tx=tx, init=functools.partial(recipes.init_classifier_state, model, tx),
-      loss=loss, term_names=('ce', 'deep_defense'),
-      phase=lambda epoch: ((1.0, 1.0), 'classifier'), precise_bn=False,
-      description=f'{plain.description}; deep_defense x {dd.weight:g}, BatchNorm frozen')
+  return _regularised(config, ds, spe, 'deep_defense', subset_reg, dd.weight, keyed=True)
 
 
 # ---------------------------------------------------------------------------------------------
