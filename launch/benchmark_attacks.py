@@ -8,11 +8,11 @@ Measured in one run:
   - Square (L-inf) on a randomly initialised ResNet-18, labelled with its own predictions and at
     an eps too small to break anything, so that every example spends the whole budget:
     img/s per 1,000 queries (its cost does not depend on the weights);
-  - `autoattack` (APGD-CE -> APGD-T -> FAB-T -> Square, the cascade of evaluation.evaluate) end to end on
-    the first --aa_images MNIST test images at each --aa_eps (0.3), on the trained ResNet-18 of
-    --aa_workdir (trained there first, one epoch at the `cpu` budget's settings, if it holds no
-    run): wall time, and per component its wall time (compilation included), the examples it
-    attacked and the robust accuracy after it.
+  - `autoattack` (APGD-CE -> APGD-T -> FAB-T -> Square, the cascade of evaluation.evaluate) end
+    to end on the first --aa_images MNIST test images at each --aa_eps (0.3), on the trained
+    ResNet-18 of --aa_workdir (trained there first, one epoch at the `cpu` budget's settings,
+    if it holds no run): wall time, and per component its wall time (compilation included),
+    the examples it attacked and the robust accuracy after it;
   - where PyTorch and the published AutoAttack (fra31/auto-attack: `pip install
     git+https://github.com/fra31/auto-attack`, or its source on PYTHONPATH) import, the published
     `standard` version on a PyTorch ResNet-18 holding the same weights (launch.torch_resnet;

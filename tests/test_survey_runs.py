@@ -197,8 +197,15 @@ def test_training_time_defences_join_the_board_with_their_own_attacks(tmp_path):
   data_dirs = {'mnist': os.path.join(SHARED_DATA, 'mnist')}
   result = survey.run_survey('transforms', workdir=str(tmp_path / 'w'), budget='smoke',
                              data_dirs=data_dirs, results_dir=str(tmp_path / 'results'),
-                             datasets=('mnist',), defences=('parseval',))
-  entry, = result['datasets']['mnist']['defences']
+                             datasets=('mnist',), defences=('none', 'parseval'))
+  reference, entry = result['datasets']['mnist']['defences']
+  # The reference row: the plain classifier itself, under the same two modes and attacks.
+  assert reference['defence'] == 'none' and reference['modes'][0]['model'].endswith('-none')
+  assert [m['mode'] for m in reference['modes']] == ['published', 'strong']
+  plain = json.loads((tmp_path / 'w' / 'mnist-smoke' / 'plain' / 'train_summary.json')
+                     .read_text())
+  assert reference['modes'][0]['model'] == plain['model']
+  assert 'none' not in {e.survey for e in board.ENTRIES}  # the board has its own plain row
   assert [m['mode'] for m in entry['modes']] == ['published', 'strong']
   assert entry['modes'][0]['model'].endswith('-parseval-b0.0003')
   assert set(entry['modes'][1]['per_eps']['0.2']['attacks']) == {'pgd100x2_eps0.2',

@@ -146,7 +146,7 @@ SURVEY_ENTRIES = tuple(
           no_autoattack=('EOT-20 APGD through Defense-GAN\'s projection (10 x 200 steps an '
                          'image, ~0.3 s here) is ~7 h for 20 images x 200 steps; its adaptive '
                          'and latent attacks stand' if d.name == 'defense_gan' else ''))
-    for d in survey.DEFENCES)
+    for d in survey.DEFENCES if not d.reference)
 ENTRIES = MODEL_ENTRIES + SURVEY_ENTRIES
 BY_NAME = {e.name: e for e in ENTRIES}
 
@@ -222,7 +222,7 @@ def _train(e: Entry, dataset, budget, workdir, data_dir, seed) -> None:
 
 
 def _row(e: Entry, modes: list[dict[str, Any]], dataset: str) -> dict[str, Any]:
-  """The row's columns at the board's eps from its modes' summaries (survey._summary)."""
+  """The row's columns at the board's eps from its modes' summaries (survey_report.mode_summary)."""
   by = {m['mode']: m for m in modes}
   pub, aa = by.get('published'), by.get('autoattack')
   adaptive = [m for m in modes if m['mode'] not in ('published', 'autoattack')]
@@ -287,7 +287,7 @@ def run_board(workdir: str, budget: str = 'cpu', data_dirs: dict[str, str] | Non
                                else f'board_{tag}_{mode.name}')
         print(f'=== board {dataset}: {e.name}, {mode.name} -> {out_dir}', flush=True)
         report, eval_dir = runner._evaluate(config, run_dir or out_dir, out_dir)  # pylint: disable=protected-access
-        modes.append(survey._summary(None, mode, report, eval_dir, dataset))  # pylint: disable=protected-access
+        modes.append(survey_report.mode_summary(mode, report, eval_dir))
       order = [x.name for x in ENTRIES]
       ds_rows['rows'] = sorted([r for r in ds_rows['rows'] if r['defence'] != e.name]
                                + [_row(e, modes, dataset)],

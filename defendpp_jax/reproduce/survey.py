@@ -80,6 +80,10 @@ class SurveyDefence:
   train_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
   # Trains a pre-processor in front of the board's plain classifier (Defense-GAN's generator).
   in_front: bool = False
+  # The plain classifier itself (config.defense.name 'none'), attacked as the training-time
+  # defences are: the baseline their rows are read against (not a board row: the board has its
+  # own undefended row).
+  reference: bool = False
 
 
 OBLIVIOUS = Mode('published', {'eval.view': 'oblivious'},
@@ -168,12 +172,9 @@ TRAINING_TIME = (
                   _NOT_IN_TABLE1, trains=True, naive=False,
                   train_overrides={'defense.cross_lipschitz.projections': 1}),
     # On every example 0.007 x the plain step (~5 h an MNIST epoch): 32 of each batch's 256.
-    # The reference's fine-tuning learning rate (SGD, momentum 0.9): at the plain budget's 0.01
-    # exp(d rho) of a misclassified example (~500 at rho 1.25) blows the net up in 5 steps.
     SurveyDefence('deep_defense', 'training (regulariser)', AS_PUBLISHED, (STRONG,),
                   _NOT_IN_TABLE1, trains=True, naive=False,
-                  train_overrides={'defense.deep_defense.examples': 32,
-                                   'train.learning_rate': 5e-4}),
+                  train_overrides={'defense.deep_defense.examples': 32}),
     SurveyDefence('adp', 'ensemble (diversity)', AS_PUBLISHED, (STRONG,),
                   'Tramer et al. (2020) break it with PGD on the averaged ensemble',
                   trains=True, naive=False),
@@ -235,7 +236,11 @@ DEFENSE_GAN = SurveyDefence(
 NAIVE_GAN = Mode('naive', {'eval.view': 'exact', **GAN_COSTLY},
                  NAIVE.description + ': through the unrolled R x L projection steps; PGD-10, '
                  '20 images, 1 draw', gan_attacks(10, pgd_only=True))
-DEFENCES = DEFENCES + TRAINING_TIME + (DEFENSE_GAN,)
+# The undefended classifier under the training-time defences' attacks, on the same images.
+REFERENCE = SurveyDefence('none', 'none (reference: the classifier the others are compared with)',
+                          AS_PUBLISHED, (STRONG,), 'the undefended net, attacked as the '
+                          'training-time defences are', naive=False, reference=True)
+DEFENCES = DEFENCES + (REFERENCE,) + TRAINING_TIME + (DEFENSE_GAN,)
 BY_NAME = {d.name: d for d in DEFENCES}
 # Deep Defense fine-tunes the board's trained plain classifier (as its authors fine-tune).
 FINE_TUNED = ('deep_defense',)
@@ -264,7 +269,7 @@ def eval_config(d: SurveyDefence, mode: Mode, dataset: str, budget: str, workdir
   config = runner.model_config(dataset, 'plain', budget, workdir, data_dir)
   config.train.seed = seed
   config.defense.name = d.name
-  if not d.trains or d.in_front:
+  if (not d.trains or d.in_front) and not d.reference:
     config.defense.classifier_workdir = runner.model_dir(workdir, dataset, budget, 'plain')
   if d.trains:
     config.model.conv = 'auto'
@@ -291,41 +296,6 @@ def _train_config(d: SurveyDefence, dataset, budget, workdir, data_dir, seed):
   if d.name in FINE_TUNED:
     config.train.init_from = runner.model_dir(workdir, dataset, budget, 'plain')
   return config
-
-
-def _summary(d: SurveyDefence, mode: Mode, report: dict[str, Any], eval_dir: str,
-             dataset: str) -> dict[str, Any]:
-  """One mode's row: accuracy per eps = the minimum over its attacks, with every attack."""
-  by_eps: dict[str, dict[str, Any]] = {}
-  minimal_norm = {}
-  for r in report['rows']:
-    if r['eps'] is None:  # C&W, DDN: their median L2 and accuracy at the L2 thresholds
-      minimal_norm[r['attack']] = {k: r.get(k) for k in ('median_l2', 'accuracy_at', 'view',
-                                                        'eot_samples')}
-      continue
-    by_eps.setdefault(f'{r["eps"]:.6g}', {})[r['attack']] = r
-  per_eps = {}
-  for e, rows in by_eps.items():
-    worst = min(rows.values(), key=lambda r: r['accuracy'])
-    per_eps[e] = {'accuracy': worst['accuracy'], 'strongest': worst['attack'],
-                  'attacks': {k: {'accuracy': r['accuracy'], 'correct': r['correct'],
-                                  'seen': r['seen'], 'view': r['view'],
-                                  'eot_samples': r['eot_samples'],
-                                  **({'accuracy_worst': r['accuracy_worst']}
-                                     if 'accuracy_worst' in r else {}),
-                                  **({'detection_rate': r['detection_rate']}
-                                     if 'detection_rate' in r else {})}
-                              for k, r in rows.items()}}
-  return {'mode': mode.name, 'description': mode.description, 'eval_dir': eval_dir,
-          'view': mode.overrides.get('eval.view', 'auto'),
-          'model': report['model'], 'clean_accuracy': report['clean_accuracy'],
-          'clean_accuracy_worst': report.get('clean_accuracy_worst'),
-          'num_examples': report['num_examples'], 'draws': report.get('draws', 1),
-          'worst_case': any(r.get('worst_case') for r in report['rows']),
-          'per_eps': per_eps, 'minimal_norm': minimal_norm,
-          'sanity_checks_passed': report['sanity_checks_passed'],
-          'failed_checks': [c['name'] for c in report['sanity_checks'] if not c['passed']],
-          'detector': report.get('detector'), 'defence_info': report.get('defence_info')}
 
 
 def run_survey(table: str, workdir: str, budget: str = 'cpu',
@@ -372,9 +342,9 @@ def run_survey(table: str, workdir: str, budget: str = 'cpu',
         out_dir = os.path.join(os.path.abspath(workdir), f'{dataset}-{budget}', 'evals',
                                f'survey_{d.name}_{mode.name}')
         print(f'=== survey {dataset}: {d.name}, {mode.name} -> {out_dir}', flush=True)
-        target_dir = run_dir if d.trains else out_dir
+        target_dir = run_dir if d.trains or d.reference else out_dir
         report, eval_dir = runner._evaluate(config, target_dir, out_dir)  # pylint: disable=protected-access
-        entry['modes'].append(_summary(d, mode, report, eval_dir, dataset))
+        entry['modes'].append(survey_report.mode_summary(mode, report, eval_dir))
       order = [x.name for x in DEFENCES]
       rows['defences'] = sorted([e for e in rows['defences'] if e['defence'] != d.name]
                                 + [entry], key=lambda e: order.index(e['defence']))

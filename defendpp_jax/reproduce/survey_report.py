@@ -20,6 +20,42 @@ def pct(v) -> str:
   return '-' if v is None else f'{100 * v:.1f}'
 
 
+def mode_summary(mode, report: dict[str, Any], eval_dir: str) -> dict[str, Any]:
+  """One mode's row (`mode`: a survey.Mode) from its evaluation's report: accuracy per eps =
+  the minimum over its attacks, with every attack; C&W / DDN's median L2 and accuracy at the
+  L2 thresholds apart."""
+  by_eps: dict[str, dict[str, Any]] = {}
+  minimal_norm = {}
+  for r in report['rows']:
+    if r['eps'] is None:  # C&W, DDN: their median L2 and accuracy at the L2 thresholds
+      minimal_norm[r['attack']] = {k: r.get(k) for k in ('median_l2', 'accuracy_at', 'view',
+                                                        'eot_samples')}
+      continue
+    by_eps.setdefault(f'{r["eps"]:.6g}', {})[r['attack']] = r
+  per_eps = {}
+  for e, rows in by_eps.items():
+    worst = min(rows.values(), key=lambda r: r['accuracy'])
+    per_eps[e] = {'accuracy': worst['accuracy'], 'strongest': worst['attack'],
+                  'attacks': {k: {'accuracy': r['accuracy'], 'correct': r['correct'],
+                                  'seen': r['seen'], 'view': r['view'],
+                                  'eot_samples': r['eot_samples'],
+                                  **({'accuracy_worst': r['accuracy_worst']}
+                                     if 'accuracy_worst' in r else {}),
+                                  **({'detection_rate': r['detection_rate']}
+                                     if 'detection_rate' in r else {})}
+                              for k, r in rows.items()}}
+  return {'mode': mode.name, 'description': mode.description, 'eval_dir': eval_dir,
+          'view': mode.overrides.get('eval.view', 'auto'),
+          'model': report['model'], 'clean_accuracy': report['clean_accuracy'],
+          'clean_accuracy_worst': report.get('clean_accuracy_worst'),
+          'num_examples': report['num_examples'], 'draws': report.get('draws', 1),
+          'worst_case': any(r.get('worst_case') for r in report['rows']),
+          'per_eps': per_eps, 'minimal_norm': minimal_norm,
+          'sanity_checks_passed': report['sanity_checks_passed'],
+          'failed_checks': [c['name'] for c in report['sanity_checks'] if not c['passed']],
+          'detector': report.get('detector'), 'defence_info': report.get('defence_info')}
+
+
 def _cell(mode: dict[str, Any] | None, eps: str) -> str:
   if mode is None or eps not in mode['per_eps']:
     return '-'
