@@ -106,8 +106,8 @@ def load_jax_variables(net, variables) -> None:
     if tuple(tensor.shape) != value.shape:
       raise ValueError(f'load_jax_variables: shape {value.shape} for a tensor of '
                        f'{tuple(tensor.shape)}: another width or architecture?')
-    with torch.no_grad():
-      tensor.copy_(torch.from_numpy(np.ascontiguousarray(value)))
+    with torch.no_grad():  # (a writable copy: JAX's arrays are read-only)
+      tensor.copy_(torch.from_numpy(np.array(value, order='C')))
 
   def conv(module, p):
     module = module[-1] if isinstance(module, torch.nn.Sequential) else module  # SamePad
