@@ -395,10 +395,9 @@ def _main_autoattack() -> None:
   for width in (int(w) for w in _WIDTH.value):
     records = [benchmark_attacks.bench_square(width, (28, 28, 1), _BATCH.value, 1000,
                                               _REPEATS.value)]
-    for eps in _AA_EPS.value:
-      records += benchmark_attacks.bench_autoattack(width, _BATCH.value, _AA_IMAGES.value,
-                                                    _MNIST_DIR.value, _AA_WORKDIR.value,
-                                                    float(eps))
+    records += benchmark_attacks.bench_autoattack(width, _BATCH.value, _AA_IMAGES.value,
+                                                  _MNIST_DIR.value, _AA_WORKDIR.value,
+                                                  tuple(float(e) for e in _AA_EPS.value))
     for r in records:
       r['cpu'] = cpu_kind()
       if _JSON.value:

@@ -43,6 +43,7 @@ from defendpp_jax import evaluation
 from defendpp_jax.evaluation.evaluate import test_split
 from defendpp_jax.runs import config as config_lib
 from defendpp_jax.runs import saved
+from launch import benchmark_attacks
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'The trained run to attack.')
 _DATA_DIR = flags.DEFINE_string('data_dir', '', 'Raw data files ("" = the run\'s data_dir).')
@@ -195,11 +196,7 @@ def compare(defence, images: np.ndarray, labels: np.ndarray, dataset: str, eps: 
       'published': {'robust': count(theirs_robust),
                     'version': version, 'components': list(components),
                     'log': log.getvalue().strip().splitlines()},
-      'agreement': {'both_robust': count(ours_robust & theirs_robust),
-                    'both_broken': count(~ours_robust & ~theirs_robust),
-                    'robust_for_ours_only': count(ours_robust & ~theirs_robust),
-                    'robust_for_published_only': count(~ours_robust & theirs_robust),
-                    'fraction': float(np.mean(ours_robust == theirs_robust))},
+      'agreement': benchmark_attacks.agreement(ours_robust, theirs_robust),
   }
   if rand:
     per_draw = [int(np.sum(d)) for d in ours[entry].ok_per_draw]

@@ -149,4 +149,5 @@ def test_published_autoattack_records_read_its_log_and_score_its_output(monkeypa
   mask = records[-1][benchmark_attacks.ROBUST_MASK]
   assert mask.tolist() == [True, False, True, True]
   assert benchmark_attacks.agreement(np.array([True, True, False, False]), mask) == {
-      'both_robust': 1, 'both_broken': 0, 'ours_only_robust': 1, 'theirs_only_robust': 2}
+      'both_robust': 1, 'both_broken': 0, 'robust_for_ours_only': 1,
+      'robust_for_published_only': 2, 'fraction': 0.25}
