@@ -178,6 +178,36 @@ def _three_class():
   return params, jnp.asarray(x.reshape((5,) + SHAPE), jnp.float32)
 
 
+def test_deepfool_norm_guard_is_the_reference_step_and_bounds_a_flat_model():
+  """With eps added to every entry of w, one step is |f'| w / ||w + eps||^2 (the reference's
+  dir = |f'| / ||w + eps|| x w / ||w + eps||); on a nearly flat logit difference it stays
+  bounded by |f'| / (eps sqrt(D)) roughly, where the unguarded step explodes."""
+  params, x, y = _two_class()
+  eps = 0.3
+  run = lambda p, v, t, e: reg.deepfool_perturbation(lambda u: _linear(p, u), v, t, 1, 0.0, e)
+  r = np.asarray(jax.jit(run)(params, x, y, eps)).reshape(6, -1)
+  w, b = np.asarray(params['w'], np.float64), np.asarray(params['b'], np.float64)
+  xf = np.asarray(x, np.float64).reshape(6, -1)
+  f = xf @ w.T + b
+  pred = f.argmax(-1)
+  yy = np.asarray(y)
+  want = []
+  for n in range(6):
+    ref = pred[n]                             # correct: the label; misclassified: the prediction
+    other = 1 - ref
+    dw = w[other] - w[ref]
+    want.append(abs(f[n, other] - f[n, ref]) / np.sum((dw + eps) ** 2) * dw)
+  np.testing.assert_allclose(r, np.stack(want), rtol=1e-5, atol=1e-6)
+  assert np.all(yy[::2] == pred[::2])
+  # a nearly flat model: w_1 - w_0 = 1e-3 x (1, 1, 1, 1) and a unit logit gap
+  flat = {'w': jnp.asarray(np.stack([np.zeros(4), np.full(4, 1e-3)]), jnp.float32),
+          'b': jnp.asarray([1.0, 0.0], jnp.float32)}
+  guarded = np.asarray(jax.jit(run)(flat, x, jnp.zeros(6, jnp.int32), 1e-2))
+  unguarded = np.asarray(jax.jit(run)(flat, x, jnp.zeros(6, jnp.int32), 0.0))
+  np.testing.assert_allclose(np.abs(guarded), 1e-3 / (4 * 1.1e-2 ** 2), rtol=1e-2)  # ~2.07
+  np.testing.assert_allclose(np.abs(unguarded), 1e-3 / (4 * 1e-3 ** 2), rtol=1e-2)  # 250
+
+
 def test_deepfool_one_step_reaches_the_nearest_boundary_of_a_three_class_linear_model():
   params, x = _three_class()
   w, b = np.asarray(params['w'], np.float64), np.asarray(params['b'], np.float64)

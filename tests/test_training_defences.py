@@ -195,10 +195,23 @@ def test_adv_bnn_trains_adversarially_and_deploys_randomised(tmp_path):
   again = np.asarray(logits(defence.variables, x, jax.random.key(0)))
   assert np.abs(a - b).max() > 1e-4
   np.testing.assert_array_equal(a, again)
-  # Weight decay leaves the log sigmas alone (only the gradient moves them).
+  # The reference's optimiser (the default): Adam without weight decay, lr x 0.1 at 40 / 70 /
+  # 90% of the run; a zero gradient moves nothing.
+  config.train.num_epochs = 5                     # 10 steps of 2 per epoch: decays at 4, 7, 9
   recipe = recipes.make_recipe(config, ds, 2)
+  lr = config.defense.adv_bnn.learning_rate
+  np.testing.assert_allclose([float(recipe.schedule(s)) for s in (0, 3, 4, 6, 7, 8, 9)],
+                             [lr, lr, lr / 10, lr / 10, lr / 100, lr / 100, lr / 1000],
+                             rtol=1e-6)
   state = recipe.init(jax.random.key(0))
   zero = jax.tree_util.tree_map(jnp.zeros_like, state.params)
+  updates, _ = recipe.tx.update(zero, state.opt_state, state.params)
+  assert not any(np.any(np.asarray(u)) for u in jax.tree_util.tree_leaves(updates))
+  # config.train's SGD instead: its weight decay leaves the log sigmas alone (only the gradient
+  # moves them).
+  config.defense.adv_bnn.optimizer = 'sgd'
+  recipe = recipes.make_recipe(config, ds, 2)
+  state = recipe.init(jax.random.key(0))
   updates, _ = recipe.tx.update(zero, state.opt_state, state.params)
   flat = jax.tree_util.tree_flatten_with_path(updates)[0]
   for path, u in flat:
@@ -207,6 +220,9 @@ def test_adv_bnn_trains_adversarially_and_deploys_randomised(tmp_path):
       assert not np.any(np.asarray(u)), path
     elif leaf == 'kernel_mu':
       assert np.any(np.asarray(u)), path
+  config.defense.adv_bnn.optimizer = 'rmsprop'
+  with pytest.raises(ValueError, match='adv_bnn.optimizer'):
+    recipes.make_recipe(config, ds, 2)
 
 
 def test_training_time_defences_are_known_to_the_registry():

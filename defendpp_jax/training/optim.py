@@ -2,6 +2,7 @@
 
 Usage:
   tx, schedule = sgd_step_decay(config.train, steps_per_epoch)
+  tx, schedule = adam_step_decay(1e-3, (0.6, 0.9), 0.1, total_steps)
   tx = freeze(tx, lambda path: path[0] == 'teacher')    # no update where the predicate holds
 """
 
@@ -39,6 +40,19 @@ def adam_constant(learning_rate: float, b1: float = 0.5, b2: float = 0.999
                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """Adam at a constant learning rate (ComDefend's authors: b1 0.5)."""
   return optax.adam(learning_rate, b1=b1, b2=b2), optax.constant_schedule(learning_rate)
+
+
+def adam_step_decay(learning_rate: float, fractions, factor: float, total_steps: int
+                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """Adam whose learning rate is multiplied by `factor` at each of `fractions` of the run's
+  `total_steps` (HGD's and Adv-BNN's authors decay at fixed epochs of a fixed-length run)."""
+  boundaries = {}
+  for f in fractions:
+    b = int(round(float(f) * total_steps))
+    if b > 0:
+      boundaries[b] = boundaries.get(b, 1.0) * factor
+  schedule = optax.piecewise_constant_schedule(learning_rate, boundaries)
+  return optax.adam(schedule), schedule
 
 
 def freeze(tx: optax.GradientTransformation, frozen: Callable[[tuple[str, ...]], bool]

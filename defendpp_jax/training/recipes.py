@@ -299,14 +299,9 @@ def hgd_recipe(config: ml_collections.ConfigDict, ds: data_lib.Dataset,
   cls_dir, cls_config = registry.protected_run(config)
   target = classifier_lib.module_of(cls_config, ds)
   frozen, _ = saved.restore_variables(cls_dir)
-  total = steps_per_epoch * config.train.num_epochs
-  boundaries = {}
-  for f in hc.lr_decay_fractions:
-    b = int(round(float(f) * total))
-    if b > 0:
-      boundaries[b] = boundaries.get(b, 1.0) * hc.lr_decay_factor
-  schedule = optax.piecewise_constant_schedule(hc.learning_rate, boundaries)
-  tx = optax.adam(schedule)
+  tx, schedule = optim.adam_step_decay(hc.learning_rate, hc.lr_decay_fractions,
+                                       hc.lr_decay_factor,
+                                       steps_per_epoch * config.train.num_epochs)
   return Recipe(model, tx, schedule,
                 functools.partial(init_denoiser_state, model, tx, image_shape=ds.image_shape),
                 functools.partial(hgd_loss, model=model, target=target, kind=hc.loss),

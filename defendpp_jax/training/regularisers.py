@@ -29,10 +29,13 @@ from defendpp_jax.nn import bayes
 Array = jax.Array
 LogitsFn = Callable[[Array], Array]
 
-# Keeps DeepFool's divisions by ||w||^2 finite for a flat model (in the spirit of the reference's
-# norm guard, eps 5e-6 / 1e-5 added to w) and its step non-zero on a boundary; negligible
-# otherwise (below float32 resolution for O(1) logits and gradients).
+# Keeps DeepFool's divisions by ||w||^2 finite for a flat model and its step non-zero on a
+# boundary; negligible otherwise (below float32 resolution for O(1) logits and gradients).
 DEEPFOOL_TINY = 1e-8
+# The reference's norm guard (ZiangYan/deepdefense.pytorch: ||w + eps||, eps added to every entry
+# of w, 5e-6 on MNIST and 1e-5 on CIFAR-10 for pixels in [0, 255]) in [0, 1] pixel units: an
+# input gradient scales as 1 / the pixel scale, so the same guard is eps x 255.
+DEEPFOOL_NORM_EPS = {'mnist': 5e-6 * 255, 'cifar10': 1e-5 * 255}
 # ADP constants of the reference (P2333/Adaptive-Diversity-Promoting, utils.py).
 ADP_LOG_OFFSET = 1e-20  # entropy: p log(p + offset)
 ADP_DET_OFFSET = 1e-6   # log det(G + offset I)
@@ -126,7 +129,7 @@ def cross_lipschitz_projected(logits_fn: LogitsFn, x: Array, key: Array,
 # --- Deep Defense (Yan et al. 2018): unrolled DeepFool ---------------------------------------
 
 def _deepfool(logits_fn: LogitsFn, x: Array, y: Array, steps: int,
-              overshoot: float) -> tuple[Array, Array]:
+              overshoot: float, norm_eps: float = 0.0) -> tuple[Array, Array]:
   """(r, correct): the unrolled DeepFool perturbation and whether f classifies x as y."""
   y = jnp.asarray(y, jnp.int32)
   r = jnp.zeros_like(x)
@@ -143,7 +146,7 @@ def _deepfool(logits_fn: LogitsFn, x: Array, y: Array, steps: int,
     g = jnp.moveaxis(grads.reshape(num_classes, x.shape[0], -1), 0, 1)  # (N, K, D)
     f_diff = logits - jnp.sum(logits * ref_hot, axis=-1, keepdims=True)  # f_k - f_ref
     w = g - jnp.einsum('nk,nkd->nd', ref_hot, g)[:, None, :]            # grad (f_k - f_ref)
-    w_sq = jnp.sum(jnp.square(w), axis=-1)
+    w_sq = jnp.sum(jnp.square(w + norm_eps), axis=-1)                  # ||w_k + eps||^2
     classes = jnp.arange(num_classes)
     candidate = jnp.where(correct[:, None], classes != y[:, None], classes == y[:, None])
     dist = jnp.where(candidate, jnp.abs(f_diff) / jnp.sqrt(w_sq + DEEPFOOL_TINY), jnp.inf)
@@ -162,13 +165,16 @@ def _deepfool(logits_fn: LogitsFn, x: Array, y: Array, steps: int,
 
 
 def deepfool_perturbation(logits_fn: LogitsFn, x: Array, y: Array, steps: int = 5,
-                          overshoot: float = 0.02) -> Array:
+                          overshoot: float = 0.02, norm_eps: float = 0.0) -> Array:
   """Unrolled multi-class DeepFool (L2), differentiable end to end; r has x's shape.
 
   Each of `steps` steps, from x + r: with f'_k = f_k - f_ref and w_k = grad_x f'_k over the
-  candidate classes k, pick l = argmin_k |f'_k| / ||w_k|| and take
-  r <- r + (|f'_l| + tiny) / (||w_l||^2 + tiny) w_l (onto the linearised boundary); return
-  (1 + overshoot) r. As the reference (ZiangYan/deepdefense.pytorch, `deepdefense.py`,
+  candidate classes k, pick l = argmin_k |f'_k| / ||w_k + eps|| and take
+  r <- r + (|f'_l| + tiny) / (||w_l + eps||^2 + tiny) w_l (onto the linearised boundary when
+  eps = 0); return (1 + overshoot) r. eps = `norm_eps` is added to every entry of w inside the
+  norms, as the reference's guard (DEEPFOOL_NORM_EPS): it bounds the step |f'| / ||w + eps||
+  where a logit difference is flat (||w|| -> 0), the 1 / ||w||^2 that a second derivative
+  would otherwise amplify. As the reference (ZiangYan/deepdefense.pytorch, `deepdefense.py`,
   `forward_correct` / `forward_wrong`, overshoot 0.02, 5 iterations):
     - correctly classified x: ref = the label (= the prediction), fixed; candidates: every
       other class; an example stops (its later steps are masked to zero) once
@@ -180,14 +186,14 @@ def deepfool_perturbation(logits_fn: LogitsFn, x: Array, y: Array, steps: int = 
       current prediction here.
   Nothing is stop-gradient'ed: the argmin and the stopping masks are piecewise constant, the
   gradient flows through f'_l, w_l (double backprop) and the accumulated steps. tiny =
-  DEEPFOOL_TINY keeps a flat model's step finite (the reference adds eps to w in its norms).
+  DEEPFOOL_TINY keeps a flat model's step finite at eps = 0.
   """
-  return _deepfool(logits_fn, x, y, steps, overshoot)[0]
+  return _deepfool(logits_fn, x, y, steps, overshoot, norm_eps)[0]
 
 
 def deep_defense_regulariser(logits_fn: LogitsFn, x: Array, y: Array, steps: int = 5,
                              c: float = 25.0, d: float = 5.0,
-                             overshoot: float = 0.02) -> Array:
+                             overshoot: float = 0.02, norm_eps: float = 0.0) -> Array:
   """mean_n [ exp(-c rho_n) if f(x_n) = y_n else exp(d rho_n) ], rho_n = ||r_n|| / ||x_n||.
 
   r = `deepfool_perturbation` (its per-example rules), x as the network sees it (the
@@ -196,9 +202,9 @@ def deep_defense_regulariser(logits_fn: LogitsFn, x: Array, y: Array, steps: int
   The mean runs over the whole batch, both groups together, as the reference divides each
   group's sum by the batch size. Reference defaults (ZiangYan/deepdefense.pytorch): c = 25,
   d = 5, 5 steps; its weight lambda = 15 is the caller's (loss = CE + 15 * this), when
-  fine-tuning a trained net.
+  fine-tuning a trained net; `norm_eps` is `deepfool_perturbation`'s guard.
   """
-  r, correct = _deepfool(logits_fn, x, y, steps, overshoot)
+  r, correct = _deepfool(logits_fn, x, y, steps, overshoot, norm_eps)
   rho = _safe_norm(r) / jnp.maximum(_safe_norm(x), 1e-12)
   return jnp.mean(jnp.exp(jnp.where(correct, -c * rho, d * rho)))
 

@@ -262,8 +262,10 @@ def deep_defense_recipe(config, ds, spe) -> recipes.Recipe:
   if not isinstance(dd.examples, int) or dd.examples < 0:
     raise ValueError('config.defense.deep_defense.examples must be an integer >= 0 (0 = the '
                      f'whole batch), got {dd.examples!r}')
+  if not dd.norm_eps >= 0:
+    raise ValueError(f'config.defense.deep_defense.norm_eps must be >= 0, got {dd.norm_eps}')
   reg = functools.partial(regularisers.deep_defense_regulariser, steps=dd.steps, c=dd.c,
-                          d=dd.d, overshoot=dd.overshoot)
+                          d=dd.d, overshoot=dd.overshoot, norm_eps=dd.norm_eps)
 
   def subset_reg(f, x, y, key):
     if not dd.examples or dd.examples >= x.shape[0]:
@@ -309,6 +311,10 @@ def adp_recipe(config, ds, spe) -> recipes.Recipe:
 # Adv-BNN.
 
 
+# xuanqing94/BayesianDefense, main_adv_vi.py: epochs [80, 60, 40, 20], a new Adam at lr / 10 each.
+ADV_BNN_DECAY_FRACTIONS = (0.4, 0.7, 0.9)
+
+
 def adv_bnn_recipe(config, ds, spe) -> recipes.Recipe:
   bc, tc = config.defense.adv_bnn, config.train
   _needs_plain_model(config)
@@ -342,14 +348,25 @@ def adv_bnn_recipe(config, ds, spe) -> recipes.Recipe:
   # means decay as the plain classifier's weights.
   not_log_sigma = lambda params: jax.tree_util.tree_map_with_path(
       lambda path, _: not str(getattr(path[-1], 'key', '')).endswith('log_sigma'), params)
-  tx, _ = optim.sgd_step_decay(tc, spe, decay_mask=not_log_sigma)
+  if bc.optimizer == 'adam':
+    # The reference's: Adam, no weight decay, lr / 10 after 80, 140 and 180 of 200 epochs.
+    tx, schedule = optim.adam_step_decay(bc.learning_rate, ADV_BNN_DECAY_FRACTIONS, 0.1,
+                                         spe * tc.num_epochs)
+    opt = f'Adam {bc.learning_rate:g}'
+  elif bc.optimizer == 'sgd':
+    tx, schedule = optim.sgd_step_decay(tc, spe, decay_mask=not_log_sigma)
+    opt = 'config.train\'s SGD'
+  else:
+    raise ValueError(f'config.defense.adv_bnn.optimizer must be adam or sgd, got '
+                     f'{bc.optimizer!r}')
   weights = (1.0, 1.0)
   return dataclasses.replace(
-      plain, tx=tx, init=functools.partial(recipes.init_classifier_state, model, tx),
+      plain, tx=tx, schedule=schedule,
+      init=functools.partial(recipes.init_classifier_state, model, tx),
       loss=loss, term_names=('ce', 'kl'), phase=lambda epoch: (weights, 'classifier'),
       prepare=prepare if tc.adversarial != 'none' else None, precise_bn=False,
       description=f'{plain.description}; Bayesian layers (prior {bc.prior_sigma:g}), KL x '
-                  f'{bc.kl_weight:g} / {n_train}')
+                  f'{bc.kl_weight:g} / {n_train}, {opt}')
 
 
 RECIPES = {'distillation': distillation_recipe, 'parseval': parseval_recipe,
