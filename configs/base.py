@@ -32,8 +32,8 @@ of config.model with `config.model.decoder=none`, through `launch.train`, and is
   `config.defense.deep_defense.weight` (lambda, 15), `.c` (25), `.d` (5), `.steps` (the unrolled
   DeepFool steps), `.overshoot`, `.examples` (0 = the regulariser on the whole batch; m = on m
   examples drawn at random from each batch, an unbiased estimate at m / batch of the cost),
-  `.norm_eps` (DeepFool's norm guard ||w + eps||, the reference's in [0, 1] pixel units:
-  1.275e-3 on MNIST, 2.55e-3 in the CIFAR-10 preset; 0 = unguarded).
+  `.norm_eps` (DeepFool's norm guard ||w + eps||; -1 = the reference's in [0, 1] pixel units:
+  1.275e-3 on MNIST, 2.55e-3 on CIFAR-10; 0 = unguarded).
 - `adp` (Pang et al. 2019): `config.defense.adp.members` (3), `.alpha` (2, ensemble entropy),
   `.beta` (0.5, log-det diversity); deployed and attacked as the averaged ensemble.
 - `adv_bnn` (Liu et al. 2019): `config.defense.adv_bnn.prior_sigma`, `.kl_weight` (alpha of

@@ -638,6 +638,21 @@ def test_migrate_config_moves_and_fills_fields():
   assert config_lib.migrate_config(today) == today   # today's configs are left alone
 
 
+def test_migrate_config_fills_a_defence_only_field_as_that_defences_runs_behaved():
+  today = config_lib.as_saved_json(config_lib.get_base_config())
+  for name, path in (('adv_bnn', 'adv_bnn.optimizer'), ('deep_defense', 'deep_defense.norm_eps')):
+    saved = json.loads(json.dumps(today))
+    saved['defense']['name'] = name
+    section, field = path.split('.')
+    del saved['defense'][section][field]
+    before = config_lib.BEFORE_FIELD_OF_DEFENCE[f'defense.{path}'][1]
+    assert config_lib.migrate_config(saved)['defense'][section][field] == before
+    assert before != today['defense'][section][field]
+    # another defence's run never read the field: today's default, so it is still reused
+    saved['defense']['name'] = 'none'
+    assert config_lib.migrate_config(saved) == today
+
+
 def test_migrate_argv_rewrites_moved_flags_only(capsys):
   argv = ['--config=configs/mnist.py', '--config.defense.width=2',
           '--config.defense.code_channels', '8', '--config.defense.name=comdefend',

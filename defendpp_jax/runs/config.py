@@ -200,7 +200,6 @@ def dataset_config(name: str) -> ml_collections.ConfigDict:
     config.train.num_epochs = 300
     config.train.learning_rate = 0.1        # decayed x0.1 every 100 epochs until 300
     config.train.lr_decay_epochs = (100, 200)
-    config.defense.deep_defense.norm_eps = 1e-5 * 255   # the reference's CIFAR-10 guard
   elif name == 'digits':
     config.model.width = 8
     config.model.shared_blocks = 4
@@ -231,6 +230,10 @@ def dataset_config(name: str) -> ml_collections.ConfigDict:
 # Fields added after some runs were saved, whose default then differs from how those runs behaved.
 BEFORE_FIELD = {'model.conv': 'xla', 'model.padding': 'same', 'train.precise_bn_batches': 0,
                 'defense.comdefend.conv': 'xla'}
+# Fields added after some runs of one defence were saved, that only that defence reads:
+# path -> (the saved config.defense.name it applies to, how such runs behaved).
+BEFORE_FIELD_OF_DEFENCE = {'defense.adv_bnn.optimizer': ('adv_bnn', 'sgd'),
+                           'defense.deep_defense.norm_eps': ('deep_defense', 0.0)}
 # Fields that moved: old path -> new path.
 MOVED_FIELDS = {f'defense.{f}': f'defense.comdefend.{f}'
                 for f in ('width', 'code_channels', 'noise_std', 'code_weight', 'learning_rate')}
@@ -258,8 +261,9 @@ def _set(tree: dict, path: str, value) -> None:
 
 def migrate_config(saved: dict[str, Any]) -> dict[str, Any]:
   """A saved config (JSON) as today's fields: moved fields read from their old place, every
-  missing field filled in as its run behaved (the base default, or BEFORE_FIELD where the
-  default has changed since). The one migration of saved runs."""
+  missing field filled in as its run behaved (the base default, or BEFORE_FIELD /
+  BEFORE_FIELD_OF_DEFENCE where the default has changed since). The one migration of saved
+  runs."""
   saved = json.loads(json.dumps(saved))
   for old, new in MOVED_FIELDS.items():
     section, field = old.split('.')
@@ -268,6 +272,11 @@ def migrate_config(saved: dict[str, Any]) -> dict[str, Any]:
       value = saved[section].pop(field)
       if _get(saved, new) is None:
         _set(saved, new, value)
+
+  name = _get(saved, 'defense.name')
+  for path, (defence, value) in BEFORE_FIELD_OF_DEFENCE.items():
+    if name == defence and _get(saved, path) is None:
+      _set(saved, path, value)
 
   def fill(saved_part, default_part):
     if not isinstance(saved_part, dict) or not isinstance(default_part, dict):

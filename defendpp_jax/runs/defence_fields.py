@@ -153,9 +153,9 @@ def defence_config() -> ml_collections.ConfigDict:
   d.deep_defense.steps = 5
   d.deep_defense.overshoot = 0.02
   # DeepFool's norm guard ||w + norm_eps|| (norm_eps added to every entry of the input gradient
-  # w): the reference's MNIST guard in [0, 1] pixel units (5e-6 x 255; the CIFAR-10 preset sets
-  # its 1e-5 x 255 = 2.55e-3, regularisers.DEEPFOOL_NORM_EPS); 0 = unguarded.
-  d.deep_defense.norm_eps = 1.275e-3
+  # w); -1 = the reference's guard for config.data.name in [0, 1] pixel units
+  # (regularisers.DEEPFOOL_NORM_EPS: MNIST 5e-6 x 255, CIFAR-10 1e-5 x 255); 0 = unguarded.
+  d.deep_defense.norm_eps = -1.0
   # 0: the regulariser on every example of a batch (as the reference); m > 0: on m examples
   # drawn at random from each batch without replacement (an unbiased estimate of the batch
   # mean at m / batch of the unrolled DeepFool's cost).

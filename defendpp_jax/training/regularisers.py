@@ -35,7 +35,8 @@ DEEPFOOL_TINY = 1e-8
 # The reference's norm guard (ZiangYan/deepdefense.pytorch: ||w + eps||, eps added to every entry
 # of w, 5e-6 on MNIST and 1e-5 on CIFAR-10 for pixels in [0, 255]) in [0, 1] pixel units: an
 # input gradient scales as 1 / the pixel scale, so the same guard is eps x 255.
-DEEPFOOL_NORM_EPS = {'mnist': 5e-6 * 255, 'cifar10': 1e-5 * 255}
+# (The quickstart's 8x8 digits, grey digits as MNIST, take MNIST's.)
+DEEPFOOL_NORM_EPS = {'mnist': 5e-6 * 255, 'cifar10': 1e-5 * 255, 'digits': 5e-6 * 255}
 # ADP constants of the reference (P2333/Adaptive-Diversity-Promoting, utils.py).
 ADP_LOG_OFFSET = 1e-20  # entropy: p log(p + offset)
 ADP_DET_OFFSET = 1e-6   # log det(G + offset I)

@@ -262,10 +262,18 @@ def deep_defense_recipe(config, ds, spe) -> recipes.Recipe:
   if not isinstance(dd.examples, int) or dd.examples < 0:
     raise ValueError('config.defense.deep_defense.examples must be an integer >= 0 (0 = the '
                      f'whole batch), got {dd.examples!r}')
-  if not dd.norm_eps >= 0:
-    raise ValueError(f'config.defense.deep_defense.norm_eps must be >= 0, got {dd.norm_eps}')
+  norm_eps = dd.norm_eps
+  if norm_eps == -1:
+    if config.data.name not in regularisers.DEEPFOOL_NORM_EPS:
+      raise ValueError(f'config.defense.deep_defense.norm_eps=-1 (the reference\'s guard) is '
+                       f'defined for {sorted(regularisers.DEEPFOOL_NORM_EPS)}, not '
+                       f'config.data.name={config.data.name!r}: give it a value >= 0')
+    norm_eps = regularisers.DEEPFOOL_NORM_EPS[config.data.name]
+  elif not norm_eps >= 0:
+    raise ValueError('config.defense.deep_defense.norm_eps must be >= 0 or -1 (the '
+                     f'reference\'s), got {dd.norm_eps}')
   reg = functools.partial(regularisers.deep_defense_regulariser, steps=dd.steps, c=dd.c,
-                          d=dd.d, overshoot=dd.overshoot, norm_eps=dd.norm_eps)
+                          d=dd.d, overshoot=dd.overshoot, norm_eps=norm_eps)
 
   def subset_reg(f, x, y, key):
     if not dd.examples or dd.examples >= x.shape[0]:
