@@ -104,6 +104,23 @@ def test_step_decay_is_rescaled_to_the_run_length():
   assert float(flat(99)) == pytest.approx(0.01)
 
 
+def test_sgd_clips_the_gradient_to_a_global_norm_before_decay_and_momentum():
+  from configs import mnist  # pylint: disable=g-import-not-at-top
+  tc = mnist.get_config().train
+  tc.weight_decay, tc.learning_rate = 0.0, 0.1
+  params = {'a': jnp.zeros(3), 'b': jnp.zeros(4)}
+  grads = {'a': jnp.full(3, 2.0), 'b': jnp.full(4, 2.0)}     # global norm 2 sqrt(7)
+  for clip, scale in ((0.0, 1.0), (1.0, 1.0 / (2.0 * np.sqrt(7.0))), (100.0, 1.0)):
+    tc.clip_grad_norm = clip
+    tx, _ = optim.sgd_step_decay(tc, steps_per_epoch=10)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    for k in params:
+      np.testing.assert_allclose(updates[k], -0.1 * scale * grads[k], rtol=1e-6)
+  tc.clip_grad_norm = -1.0
+  with pytest.raises(ValueError, match='clip_grad_norm'):
+    optim.sgd_step_decay(tc, steps_per_epoch=10)
+
+
 def test_alternating_schedule_phases():
   config = quickstart.get_config('smoke')
   config.train.schedule = 'alternating'

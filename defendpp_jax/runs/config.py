@@ -62,6 +62,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.train.lr_decay_factor = 0.1
   config.train.momentum = 0.9
   config.train.weight_decay = 5e-4
+  # > 0: the gradient rescaled to at most this global L2 norm before the SGD step (recipes on
+  # config.train's SGD); 0 = never. Every step logs the gradient's global norm (grad_norm).
+  config.train.clip_grad_norm = 0.0
   config.train.schedule = 'joint'     # joint | alternating (paper Sec. 3.4)
   config.train.alternating = ml_collections.ConfigDict()
   config.train.alternating.ae_epochs = 1

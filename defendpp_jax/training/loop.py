@@ -37,7 +37,7 @@ from defendpp_jax.training import recipes
 
 _LOGGED = ('loss', 'ce', 'guide', 'rec_full', 'rec_ms', 'code_penalty', 'cross_lipschitz',
            'deep_defense', 'kl', 'ensemble_entropy', 'log_det', 'critic_loss', 'wasserstein',
-           'gradient_penalty', 'generator_loss', 'train_accuracy', 'learning_rate')
+           'gradient_penalty', 'generator_loss', 'train_accuracy', 'grad_norm', 'learning_rate')
 
 
 def jit_train_step(step_fn: Callable, mesh: Mesh) -> Callable:

@@ -16,7 +16,8 @@ import optax
 
 def sgd_step_decay(tc: Any, steps_per_epoch: int, decay_mask: Any = None
                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """SGD with momentum and (PyTorch-style, coupled) weight decay; step-decay learning rate.
+  """SGD with momentum and (PyTorch-style, coupled) weight decay; step-decay learning rate;
+  the gradient first clipped to a global norm of `clip_grad_norm` where that is > 0.
 
   The decay epochs are those of a `lr_schedule_epochs`-long run (the paper's 250 / 300 epochs),
   stretched or shrunk to the `num_epochs` actually trained, so that a shortened run still
@@ -31,7 +32,11 @@ def sgd_step_decay(tc: Any, steps_per_epoch: int, decay_mask: Any = None
     if b > 0:
       boundaries[b] = boundaries.get(b, 1.0) * tc.lr_decay_factor
   schedule = optax.piecewise_constant_schedule(tc.learning_rate, boundaries)
-  tx = optax.chain(optax.add_decayed_weights(tc.weight_decay, mask=decay_mask),
+  clip = tc.get('clip_grad_norm', 0.0)
+  if not clip >= 0:
+    raise ValueError(f'config.train.clip_grad_norm must be >= 0 (0 = no clipping), got {clip}')
+  tx = optax.chain(*([optax.clip_by_global_norm(clip)] if clip > 0 else []),
+                   optax.add_decayed_weights(tc.weight_decay, mask=decay_mask),
                    optax.sgd(schedule, momentum=tc.momentum))
   return tx, schedule
 

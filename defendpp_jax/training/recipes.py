@@ -99,6 +99,7 @@ def train_step(state: TrainState, images: jax.Array, labels: jax.Array, weights:
     return loss, (batch_stats, {'loss': loss, **metrics})
 
   grads, (batch_stats, metrics) = jax.grad(loss_fn, has_aux=True)(state.params)
+  metrics = {**metrics, 'grad_norm': optax.global_norm(grads)}
   updates, opt_state = recipe.tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   if recipe.post_update is not None:
