@@ -77,7 +77,7 @@ def test_reformer_train_step_fits_a_batch():
   for i in range(30):
     state, metrics = step(state, x, y, weights, jax.random.key(i))
     losses.append(float(metrics['rec_full']))
-  assert set(metrics) == {'loss', 'rec_full', 'code_penalty'}
+  assert set(metrics) == {'loss', 'rec_full', 'code_penalty', 'grad_norm'}
   assert np.isfinite(losses).all() and np.mean(losses[-5:]) < 0.5 * losses[0]
 
 
