@@ -26,12 +26,8 @@ def sgd_step_decay(tc: Any, steps_per_epoch: int, decay_mask: Any = None
   """
   horizon = tc.get('lr_schedule_epochs', 0)
   scale = tc.num_epochs / horizon if horizon else 1.0
-  boundaries = {}
-  for e in tc.lr_decay_epochs:
-    b = int(round(float(e) * scale * steps_per_epoch))
-    if b > 0:
-      boundaries[b] = boundaries.get(b, 1.0) * tc.lr_decay_factor
-  schedule = optax.piecewise_constant_schedule(tc.learning_rate, boundaries)
+  schedule = _step_decay(tc.learning_rate, [float(e) * scale * steps_per_epoch
+                                            for e in tc.lr_decay_epochs], tc.lr_decay_factor)
   clip = tc.get('clip_grad_norm', 0.0)
   if not clip >= 0:
     raise ValueError(f'config.train.clip_grad_norm must be >= 0 (0 = no clipping), got {clip}')
@@ -51,13 +47,19 @@ def adam_step_decay(learning_rate: float, fractions, factor: float, total_steps:
                     ) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """Adam whose learning rate is multiplied by `factor` at each of `fractions` of the run's
   `total_steps` (HGD's and Adv-BNN's authors decay at fixed epochs of a fixed-length run)."""
+  schedule = _step_decay(learning_rate, [float(f) * total_steps for f in fractions], factor)
+  return optax.adam(schedule), schedule
+
+
+def _step_decay(learning_rate: float, at_steps, factor: float) -> optax.Schedule:
+  """`learning_rate` multiplied by `factor` at each of `at_steps` (rounded to a step; those
+  at step 0 or before are dropped, repeats compound)."""
   boundaries = {}
-  for f in fractions:
-    b = int(round(float(f) * total_steps))
+  for at in at_steps:
+    b = int(round(at))
     if b > 0:
       boundaries[b] = boundaries.get(b, 1.0) * factor
-  schedule = optax.piecewise_constant_schedule(learning_rate, boundaries)
-  return optax.adam(schedule), schedule
+  return optax.piecewise_constant_schedule(learning_rate, boundaries)
 
 
 def freeze(tx: optax.GradientTransformation, frozen: Callable[[tuple[str, ...]], bool]

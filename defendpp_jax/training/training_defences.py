@@ -352,16 +352,16 @@ def adv_bnn_recipe(config, ds, spe) -> recipes.Recipe:
     return ({'ce': ce, 'kl': bc.kl_weight * kl}, new['batch_stats'],
             _metrics(logits, labels, ce=ce, kl=kl))
 
-  # No weight decay on the log standard deviations (it would pull every sigma toward 1); the
-  # means decay as the plain classifier's weights.
-  not_log_sigma = lambda params: jax.tree_util.tree_map_with_path(
-      lambda path, _: not str(getattr(path[-1], 'key', '')).endswith('log_sigma'), params)
   if bc.optimizer == 'adam':
     # The reference's: Adam, no weight decay, lr / 10 after 80, 140 and 180 of 200 epochs.
     tx, schedule = optim.adam_step_decay(bc.learning_rate, ADV_BNN_DECAY_FRACTIONS, 0.1,
                                          spe * tc.num_epochs)
     opt = f'Adam {bc.learning_rate:g}'
   elif bc.optimizer == 'sgd':
+    # No weight decay on the log standard deviations (it would pull every sigma toward 1); the
+    # means decay as the plain classifier's weights.
+    not_log_sigma = lambda params: jax.tree_util.tree_map_with_path(
+        lambda path, _: not str(getattr(path[-1], 'key', '')).endswith('log_sigma'), params)
     tx, schedule = optim.sgd_step_decay(tc, spe, decay_mask=not_log_sigma)
     opt = 'config.train\'s SGD'
   else:
