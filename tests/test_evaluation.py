@@ -72,6 +72,8 @@ def test_evaluate_writes_report_and_figures(runs):
   assert ratios.shape == (40,) and np.all(ratios >= 0)
   md = open(os.path.join(workdir, 'robustness.md')).read()
   assert '| FGSM | BIM | PGD | C&W | DDN | APGD | Clean |' in md
+  # the finished draws kept for a resume are gone once the report is written
+  assert not os.path.exists(os.path.join(workdir, evaluation.RESUME_DIR))
 
 
 def test_transfer_and_failed_check_is_flagged(runs):
@@ -270,3 +272,49 @@ def test_survivor_batches_are_powers_of_two_within_the_full_batch():
   got = [runner.survivor_batch(n, 64, mesh) for n in (1, 2, 3, 5, 33, 64, 100)]
   d = mesh.size
   assert got == [max(d, b) if b <= 64 else 64 for b in (1, 2, 4, 8, 64, 64, 128)]
+
+
+def test_a_stopped_evaluation_resumes_at_the_draw_it_was_in(tmp_path, monkeypatch):
+  """Every finished draw of every attack is kept; a re-run loads them instead of attacking
+  (the attack never runs when all are kept), attacks only the missing ones, and gives the same
+  report; another evaluation's digest reuses nothing."""
+  import jax
+  images, labels, _ = _linear_set(n=40, seed=1)
+  entries = [specs.make_spec('fgsm', eps=0.05), specs.make_spec('pgd', eps=0.05, steps=3),
+             specs.make_spec('ddn', steps=5)]
+  calls = []  # the entries' attacks run (the sanity checks attack too: not counted)
+  make = runner.make_attack_fn
+
+  def counting(spec, *args):
+    fn = make(spec, *args)
+    def run(*a):
+      if spec in entries:
+        calls.append(spec.key)
+      return fn(*a)
+    return run
+  monkeypatch.setattr(runner, 'make_attack_fn', counting)
+  kept = runner.Resume(str(tmp_path / 'partial'), 'config-a')
+  run = lambda resume: evaluation.run_entries(
+      coin_defence(0.5), images, labels, entries, batch_size=16, key=jax.random.key(0),
+      view='exact', eot_samples=1, eot_chunk=1, draws=3, progress=False, worst_case=True,
+      resume=resume)
+  full = run(kept)
+  n_calls = len(calls)
+  files = sorted(os.listdir(kept.directory))
+  assert len(files) == 3 * 3  # three attacks x three draws
+  calls.clear()
+  assert run(kept)['rows'] == full['rows'] and calls == []  # all loaded: nothing attacked
+  # stopped after the first attack's draws: the rest is attacked again, the report unchanged
+  by_age = sorted(files, key=lambda f: os.path.getmtime(os.path.join(kept.directory, f)))
+  for f in by_age[3:]:
+    os.remove(os.path.join(kept.directory, f))
+  again = run(kept)
+  assert again['rows'] == full['rows']
+  assert 0 < len(calls) < n_calls and 'fgsm' not in calls
+  ddn = {r['attack']: r for r in again['rows']}['ddn']
+  assert ddn['median_l2'] == {r['attack']: r for r in full['rows']}['ddn']['median_l2']
+  calls.clear()
+  run(runner.Resume(kept.directory, 'config-b'))  # another config: everything attacked
+  assert len(calls) == n_calls
+  kept.clear()
+  assert not os.path.exists(kept.directory)

@@ -8,6 +8,7 @@ Evaluation builds defences through `defences.registry` and reads runs through `r
 never imports the trainer.
 """
 
+from defendpp_jax.evaluation.evaluate import RESUME_DIR
 from defendpp_jax.evaluation.evaluate import evaluate
 from defendpp_jax.evaluation.evaluate import evaluate_defence
 from defendpp_jax.evaluation.evaluate import eps_sweep

@@ -13,6 +13,8 @@ attack are computed and written with every table.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import os
 from typing import Any, Sequence
 
@@ -21,6 +23,7 @@ import ml_collections
 import numpy as np
 
 from defendpp_jax import data as data_lib
+from defendpp_jax import files
 from defendpp_jax import nn as dnn
 from defendpp_jax import parallel
 from defendpp_jax import protocol
@@ -33,6 +36,10 @@ from defendpp_jax.evaluation import reporting
 from defendpp_jax.evaluation import runner
 from defendpp_jax.runs import config as config_lib
 from defendpp_jax.runs import saved
+
+# Under an evaluation's output directory: the finished draws of its attacks until its report
+# is written (runner.Resume).
+RESUME_DIR = 'partial'
 
 
 def _clean(defence: Defence, images, labels, batch_size, key, draws) -> tuple[int, int, float]:
@@ -48,16 +55,18 @@ def run_entries(defence: Defence, images: np.ndarray, labels: np.ndarray,
                 view: str, eot_samples: int, eot_chunk: int, draws: int,
                 source: Defence | None = None, thresholds=(), progress: bool = True,
                 transfer_from: Defence | None = None, worst_case: bool = False,
-                check_examples: int = 0) -> dict[str, Any]:
-  """The rows, transfer rows and checks of one evaluation of `defence` (no files written).
+                check_examples: int = 0, resume: runner.Resume | None = None
+                ) -> dict[str, Any]:
+  """The rows, transfer rows and checks of one evaluation of `defence` (no report written).
 
   `worst_case` (config.eval.worst_case): the eps-bounded attacks run as a cascade (AutoAttack's
-  worst case over attacks), see `worst_case_results`."""
+  worst case over attacks), see `worst_case_results`. `resume`: every attack's finished draws
+  are kept there, and loaded instead of attacked again (runner.run_attack)."""
   n = len(labels)
   correct, seen, worst = _clean(defence, images, labels, batch_size, key, draws)
   clean_acc = correct / seen
   common = dict(view=view, eot_samples=eot_samples, eot_chunk=eot_chunk, draws=draws,
-                progress=progress)
+                progress=progress, resume=resume)
   clean = None
   single = [s for s in specs if not s.group]
   if worst_case or len(single) < len(specs):
@@ -220,13 +229,19 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, progress: bool = T
   attack_source = source if ec.threat_model == 'transfer' else None
   crafted_on = ('classifier' if oblivious else
                 source.name if ec.threat_model == 'transfer' and source else 'target')
+  out_dir = out_dir or workdir
+  # A stopped evaluation re-run with the same config resumes at the draw it was in.
+  resume = None
+  if jax.process_count() == 1:
+    resume = runner.Resume(os.path.join(out_dir, RESUME_DIR), hashlib.sha256(json.dumps(
+        config.to_dict(), sort_keys=True, default=files.json_default).encode()).hexdigest())
   report = run_entries(
       target, images, labels, specs_lib.attack_specs(ec, config.data.name),
       batch_size=ec.batch_size, key=jax.random.key(ec.seed), view=view,
       eot_samples=ec.eot_samples, eot_chunk=ec.eot_chunk, draws=ec.draws, source=attack_source,
       thresholds=protocol.l2_thresholds(config.data.name, ec.l2_thresholds), progress=progress,
       transfer_from=source if ec.threat_model != 'transfer' else None,
-      worst_case=ec.get('worst_case', False), check_examples=ec.check_examples)
+      worst_case=ec.get('worst_case', False), check_examples=ec.check_examples, resume=resume)
   transfer_rows = report.pop('transfer_rows')
   report = {
       'model': target.name, 'workdir': os.path.abspath(workdir), 'step': step,
@@ -245,7 +260,9 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, progress: bool = T
       report['reconstruction'] = target.diagnostics(
           target, images, labels, protocol.linf_eps(config.data.name, ec.eps), ec.batch_size)
   if jax.process_index() == 0:
-    reporting.write_report(report, out_dir or workdir)
+    reporting.write_report(report, out_dir)
+  if resume is not None:
+    resume.clear()
   print(reporting.markdown_table(report), flush=True)
   return report
 

@@ -15,6 +15,10 @@ keys and the classification keys both fresh per draw): `accuracy` is the mean ov
 AutoAttack's cascade (evaluate.run_entries with config.eval.worst_case): the others count as
 broken without being attacked, and the survivors run in batches of the next power of two (so
 that a cascade compiles a handful of batch shapes, not one per survivor count).
+
+`resume` (a `Resume`) saves each finished draw of each attack to disk, keyed by everything its
+result depends on, and loads it instead of attacking again: an evaluation stopped mid-way
+(evaluate.evaluate passes one under its output directory) picks up at the draw it was in.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 from typing import Any
 
 import jax
@@ -31,6 +36,7 @@ import numpy as np
 
 from defendpp_jax import attacks as attacks_lib
 from defendpp_jax import data as data_lib
+from defendpp_jax import files
 from defendpp_jax import parallel
 from defendpp_jax.attacks.specs import AttackSpec
 from defendpp_jax.defences.base import Defence
@@ -194,13 +200,66 @@ def _crafting_key(spec, source: Defence, view, eot_samples, images, labels, batc
           data.hexdigest(), batch_size, tuple(np.asarray(jax.random.key_data(key)).ravel()))
 
 
+@dataclasses.dataclass(frozen=True)
+class Resume:
+  """Finished draws of attacks kept in `directory` (one .npz each), for an evaluation that is
+  stopped and re-run. `digest` stands for everything the caller's evaluation depends on beyond
+  what `run_attack` keys itself (the evaluation's config: a defence's settings that are not
+  weights); `run_attack` adds the attack, its view, both models' weights, the images, the
+  batching, the draw's key and the examples attacked."""
+  directory: str
+  digest: str
+
+  def path(self, *parts: Any) -> str:
+    h = hashlib.sha256(json.dumps([self.digest, *parts], sort_keys=True,
+                                  default=files.json_default).encode())
+    return os.path.join(self.directory, f'{h.hexdigest()[:40]}.npz')
+
+  @staticmethod
+  def load(path: str) -> tuple[np.ndarray, int, np.ndarray | None] | None:
+    """(defended mask over all examples, rejections, distances or None), or None if absent."""
+    if not os.path.isfile(path):
+      return None
+    with np.load(path) as f:
+      return (f['ok'].astype(bool), int(f['rejected']),
+              f['distances'] if f['has_distances'] else None)
+
+  @staticmethod
+  def save(path: str, ok: np.ndarray, rejected: int, distances: np.ndarray | None) -> None:
+    files.write_npz(path, ok=ok, rejected=np.int64(rejected),
+                    has_distances=np.bool_(distances is not None),
+                    distances=np.zeros(0) if distances is None else distances)
+
+  def clear(self) -> None:
+    """Removes the kept draws (once the evaluation's report is written)."""
+    if os.path.isdir(self.directory):
+      for name in os.listdir(self.directory):
+        if name.endswith('.npz'):
+          os.remove(os.path.join(self.directory, name))
+      if not os.listdir(self.directory):
+        os.rmdir(self.directory)
+
+
+def _resume_parts(spec: AttackSpec, target: Defence, source: Defence, settings, eot_chunk,
+                  images, labels, batch_size) -> list[Any]:
+  """What every draw's result depends on besides its key and examples."""
+  data = hashlib.sha256(np.ascontiguousarray(images).tobytes())
+  data.update(np.ascontiguousarray(labels).tobytes())
+  return [spec.key, spec.attack, jsonable(spec.kwargs), settings['view'],
+          settings['eot_samples'], eot_chunk, target.name, source.name,
+          state_lib.params_sha256(target.variables), state_lib.params_sha256(source.variables),
+          data.hexdigest(), batch_size]
+
+
 def run_attack(spec: AttackSpec, target: Defence, images: np.ndarray, labels: np.ndarray,
                batch_size: int, key: jax.Array, source: Defence | None = None,
                view: str = 'auto', eot_samples: int = 10, eot_chunk: int = 10, draws: int = 1,
-               progress: bool = True, alive: list[np.ndarray] | None = None) -> AttackResult:
+               progress: bool = True, alive: list[np.ndarray] | None = None,
+               resume: Resume | None = None) -> AttackResult:
   """Crafts adversarials on `source`'s view (default: `target`, white-box) and counts
   `target`'s correct predictions, over `draws` draws when `target` is randomised; with `alive`
-  (a mask per draw) only on the examples it marks (the others count as broken)."""
+  (a mask per draw) only on the examples it marks (the others count as broken); with `resume`,
+  each draw already finished under the same settings is loaded instead of attacked."""
   reuse = source is not None and source is not target
   source = source or target
   view = spec.view or view
@@ -214,20 +273,18 @@ def run_attack(spec: AttackSpec, target: Defence, images: np.ndarray, labels: np
   full_batch = parallel.divisible_batch(batch_size, mesh, len(labels))
   attack_fn = make_attack_fn(spec, source, view, eot_samples, eot_chunk)
   predict = predict_fn(target)
-  per_draw, every, distances, detected, ok_draws = [], None, None, [], []
-  for r in range(draws):
-    key_r = draw_key(key, r, draws)
-    idx = np.arange(len(labels)) if alive is None else np.flatnonzero(alive[r])
+
+  def attack_draw(r, key_r, idx):
+    """(defended mask over all examples, rejections, distances or None) of draw `r`."""
     x_r, y_r = images[idx], labels[idx]
-    batch_size = full_batch if alive is None else survivor_batch(len(idx), full_batch, mesh)
+    batch = full_batch if alive is None else survivor_batch(len(idx), full_batch, mesh)
     crafted = None
     if reuse:
       crafted = _crafted_batches(_crafting_key(spec, source, settings['view'],
-                                               settings['eot_samples'], x_r, y_r,
-                                               batch_size, key_r))
+                                               settings['eot_samples'], x_r, y_r, batch, key_r))
     ok_all, d_all, rejected = [np.zeros(0, bool)], [], 0
-    batches = data_lib.eval_batches(x_r, y_r, batch_size) if len(idx) else iter(())
-    n_batches = math.ceil(len(idx) / batch_size)
+    batches = data_lib.eval_batches(x_r, y_r, batch) if len(idx) else iter(())
+    n_batches = math.ceil(len(idx) / batch)
     desc = spec.key if draws == 1 else f'{spec.key} draw {r + 1}/{draws}'
     if alive is not None:
       desc += f' ({len(idx)} left)'
@@ -251,15 +308,33 @@ def run_attack(spec: AttackSpec, target: Defence, images: np.ndarray, labels: np
         # 0 for examples misclassified without attack, inf where the attack found nothing.
         d = np.where(~clean_ok, 0.0, np.where(ok, np.inf, d))
         d_all.append(d[mask])
-    ok_all_full = np.zeros(len(labels), bool)
-    ok_all_full[idx] = np.concatenate(ok_all)
-    ok_all = ok_all_full
+    ok_full = np.zeros(len(labels), bool)
+    ok_full[idx] = np.concatenate(ok_all)
+    return ok_full, rejected, (np.concatenate(d_all) if d_all else None)
+
+  parts = (None if resume is None else
+           _resume_parts(spec, target, source, settings, eot_chunk, images, labels, full_batch))
+  per_draw, every, distances, detected, ok_draws = [], None, None, [], []
+  for r in range(draws):
+    key_r = draw_key(key, r, draws)
+    idx = np.arange(len(labels)) if alive is None else np.flatnonzero(alive[r])
+    path = kept = None
+    if resume is not None:
+      path = resume.path(*parts, np.asarray(jax.random.key_data(key_r)).ravel(), idx)
+      kept = resume.load(path)
+      if kept is not None and progress:
+        print(f'  {spec.key} draw {r + 1}/{draws}: resumed from {path}', flush=True)
+    if kept is None:
+      kept = attack_draw(r, key_r, idx)
+      if path is not None:
+        Resume.save(path, *kept)
+    ok_all, rejected, d = kept
     ok_draws.append(ok_all)
     per_draw.append(int(ok_all.sum()))
     detected.append(rejected)
     every = ok_all if every is None else every & ok_all
-    if d_all:
-      distances = np.concatenate(d_all)
+    if d is not None:
+      distances = d
   return AttackResult(spec, settings['view'], settings['eot_samples'], per_draw, len(labels),
                       int(every.sum()), distances, detected if target.rejects else None,
                       ok_draws, alive is not None)
