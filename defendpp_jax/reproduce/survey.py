@@ -176,7 +176,7 @@ TRAINING_TIME = (
     # clipped to norm 1 (not the reference's: without it the regulariser's spikes on
     # misclassified examples, exp(d rho), take the MNIST net to a non-finite loss by step 10).
     # One epoch of fine-tuning on every dataset (MNIST's budget is one epoch anyway): CIFAR-10's
-    # four would take about 2 h here (~9 s a step of batch 256).
+    # four would take 75 min here (one epoch ran at 37-44 img/s, 22 min).
     SurveyDefence('deep_defense', 'training (regulariser)', AS_PUBLISHED, (STRONG,),
                   _NOT_IN_TABLE1, trains=True, naive=False,
                   train_overrides={'defense.deep_defense.examples': 32,
