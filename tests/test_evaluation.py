@@ -294,20 +294,24 @@ def test_a_stopped_evaluation_resumes_at_the_draw_it_was_in(tmp_path, monkeypatc
     return run
   monkeypatch.setattr(runner, 'make_attack_fn', counting)
   kept = runner.Resume(str(tmp_path / 'partial'), 'config-a')
-  run = lambda resume: evaluation.run_entries(
-      coin_defence(0.5), images, labels, entries, batch_size=16, key=jax.random.key(0),
+  run = lambda resume, attacks=entries: evaluation.run_entries(
+      coin_defence(0.5), images, labels, attacks, batch_size=16, key=jax.random.key(0),
       view='exact', eot_samples=1, eot_chunk=1, draws=3, progress=False, worst_case=True,
       resume=resume)
   full = run(kept)
   n_calls = len(calls)
-  files = sorted(os.listdir(kept.directory))
-  assert len(files) == 3 * 3  # three attacks x three draws
+  assert len(os.listdir(kept.directory)) == 3 * 3  # three attacks x three draws
   calls.clear()
   assert run(kept)['rows'] == full['rows'] and calls == []  # all loaded: nothing attacked
-  # stopped after the first attack's draws: the rest is attacked again, the report unchanged
-  by_age = sorted(files, key=lambda f: os.path.getmtime(os.path.join(kept.directory, f)))
-  for f in by_age[3:]:
+  # stopped after the first attack's draws (the files a run of it alone keeps): the rest is
+  # attacked again, the report unchanged
+  first = runner.Resume(str(tmp_path / 'first'), kept.digest)
+  run(first, entries[:1])
+  first_files = set(os.listdir(first.directory))
+  assert len(first_files) == 3 and first_files < set(os.listdir(kept.directory))
+  for f in set(os.listdir(kept.directory)) - first_files:
     os.remove(os.path.join(kept.directory, f))
+  calls.clear()
   again = run(kept)
   assert again['rows'] == full['rows']
   assert 0 < len(calls) < n_calls and 'fgsm' not in calls

@@ -193,11 +193,16 @@ def _crafting_key(spec, source: Defence, view, eot_samples, images, labels, batc
                   key) -> tuple:
   """Everything x_adv depends on: the source's weights, the attack and its view, the inputs,
   the batching and the key."""
-  data = hashlib.sha256(np.ascontiguousarray(images).tobytes())
-  data.update(np.ascontiguousarray(labels).tobytes())
   return (state_lib.params_sha256(source.variables), spec.attack,
           json.dumps(jsonable(spec.kwargs), sort_keys=True), view, eot_samples,
-          data.hexdigest(), batch_size, tuple(np.asarray(jax.random.key_data(key)).ravel()))
+          _data_digest(images, labels), batch_size,
+          tuple(np.asarray(jax.random.key_data(key)).ravel()))
+
+
+def _data_digest(images: np.ndarray, labels: np.ndarray) -> str:
+  data = hashlib.sha256(np.ascontiguousarray(images).tobytes())
+  data.update(np.ascontiguousarray(labels).tobytes())
+  return data.hexdigest()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -243,12 +248,11 @@ class Resume:
 def _resume_parts(spec: AttackSpec, target: Defence, source: Defence, settings, eot_chunk,
                   images, labels, batch_size) -> list[Any]:
   """What every draw's result depends on besides its key and examples."""
-  data = hashlib.sha256(np.ascontiguousarray(images).tobytes())
-  data.update(np.ascontiguousarray(labels).tobytes())
+  weights = state_lib.params_sha256(target.variables)
   return [spec.key, spec.attack, jsonable(spec.kwargs), settings['view'],
-          settings['eot_samples'], eot_chunk, target.name, source.name,
-          state_lib.params_sha256(target.variables), state_lib.params_sha256(source.variables),
-          data.hexdigest(), batch_size]
+          settings['eot_samples'], eot_chunk, target.name, source.name, weights,
+          weights if source is target else state_lib.params_sha256(source.variables),
+          _data_digest(images, labels), batch_size]
 
 
 def run_attack(spec: AttackSpec, target: Defence, images: np.ndarray, labels: np.ndarray,
