@@ -164,9 +164,15 @@ def test_survey_board_writes_results_and_resumes(tmp_path):
     assert c['adaptive'] == min(adaptive)  # the strongest adaptive mode, naive included
     assert c['gap'] == pytest.approx(c['published'] - c['adaptive'])
   assert rows[0]['columns']['0.2']['adaptive_mode'] == 'strong'
+  # Each row names the weights it measured: here both protect / are the one plain net.
+  plain = json.loads((tmp_path / 'w' / 'mnist-smoke' / 'plain' / 'train_summary.json').read_text())
+  for r in rows:
+    assert r['models'] == {'plain': {'params_sha256': plain['params_sha256'],
+                                     'clean_accuracy_test_set': plain['clean_accuracy']}}
   board_doc = (tmp_path / 'DEFENCES.md').read_text()
   assert survey_marker_count(board_doc) == 2 and '| bit_depth |' in board_doc
   assert board_doc.count(board.START) == 1 and 'Not measured yet on mnist: Defend++' in board_doc
+  assert f'weights plain `{plain["params_sha256"][:12]}`' in board_doc
   saved = json.loads((tmp_path / 'results' / 'survey_board_smoke.json').read_text())
   assert saved['datasets']['mnist']['rows'][1]['columns'] == rows[1]['columns']
 

@@ -38,6 +38,7 @@ from defendpp_jax.reproduce import runner
 from defendpp_jax.reproduce import survey
 from defendpp_jax.reproduce import survey_report
 from defendpp_jax.reproduce.survey_report import pct
+from defendpp_jax.runs import saved as saved_runs
 
 # One eps per dataset: the Defend++ tables' (protocol.LINF_EPS); CIFAR-10 also at 8/255.
 BOARD_EPS = {'mnist': (0.2,), 'cifar10': (0.05, 8 / 255)}
@@ -221,8 +222,37 @@ def _train(e: Entry, dataset, budget, workdir, data_dir, seed) -> None:
     runner._train(config, runner.model_dir(workdir, dataset, budget, e.model))  # pylint: disable=protected-access
 
 
-def _row(e: Entry, modes: list[dict[str, Any]], dataset: str) -> dict[str, Any]:
-  """The row's columns at the board's eps from its modes' summaries (survey_report.mode_summary)."""
+def _run_dirs(e: Entry, dataset: str, budget: str, workdir: str) -> dict[str, str]:
+  """{name: run directory} of every trained model the row deploys: the plain classifier (the
+  one every defence in front of a classifier protects) and the row's own model, if any."""
+  dirs = {'plain': runner.model_dir(workdir, dataset, budget, 'plain')}
+  if e.survey:
+    d = survey.BY_NAME[e.survey]
+    if d.trains:
+      dirs[d.name] = runner.model_dir(workdir, dataset, budget, d.name)
+  elif e.hgd:
+    dirs[f'hgd_{e.hgd}'] = hgd_spec.run_dir(workdir, dataset, budget, e.hgd)
+  elif e.model != 'plain':
+    dirs[e.model] = runner.model_dir(workdir, dataset, budget, e.model)
+  return dirs
+
+
+def model_fingerprints(e: Entry, dataset: str, budget: str, workdir: str) -> dict[str, Any]:
+  """{name: {params_sha256, clean_accuracy (the whole test set)}} of the row's trained models,
+  from their train_summary.json: the same command trains different weights on different CPU
+  kinds, so a row names the weights it measured."""
+  out = {}
+  for name, d in _run_dirs(e, dataset, budget, workdir).items():
+    s = saved_runs.summary_of_run(d)
+    out[name] = {'params_sha256': s['params_sha256'],
+                 'clean_accuracy_test_set': s.get('clean_accuracy')}
+  return out
+
+
+def _row(e: Entry, modes: list[dict[str, Any]], dataset: str,
+         models: dict[str, Any] | None = None) -> dict[str, Any]:
+  """The row's columns at the board's eps from its modes' summaries (survey_report.mode_summary);
+  `models`: model_fingerprints of the weights measured."""
   by = {m['mode']: m for m in modes}
   pub, aa = by.get('published'), by.get('autoattack')
   adaptive = [m for m in modes if m['mode'] not in ('published', 'autoattack')]
@@ -245,7 +275,7 @@ def _row(e: Entry, modes: list[dict[str, Any]], dataset: str) -> dict[str, Any]:
           'detector': first.get('detector'), 'columns': cols,
           'no_autoattack': e.no_autoattack,
           'checks_fired': {m['mode']: m['failed_checks'] for m in modes if m['failed_checks']},
-          'modes': modes}
+          'models': models, 'modes': modes}
 
 
 def run_board(workdir: str, budget: str = 'cpu', data_dirs: dict[str, str] | None = None,
@@ -290,7 +320,8 @@ def run_board(workdir: str, budget: str = 'cpu', data_dirs: dict[str, str] | Non
         modes.append(survey_report.mode_summary(mode, report, eval_dir))
       order = [x.name for x in ENTRIES]
       ds_rows['rows'] = sorted([r for r in ds_rows['rows'] if r['defence'] != e.name]
-                               + [_row(e, modes, dataset)],
+                               + [_row(e, modes, dataset, model_fingerprints(
+                                   e, dataset, budget, workdir))],
                                key=lambda r: order.index(r['defence']))
       result['elapsed_s'] = time.time() - t0
       result['datasets'] = {**survey.saved_datasets(path), dataset: ds_rows}
@@ -342,7 +373,15 @@ def detail_lines(result: dict[str, Any], dataset: str) -> list[str]:
   ds = result['datasets'][dataset]
   lines = [f'#### {dataset}: every mode and attack (accuracy %, correct / seen)', '']
   for r in ds['rows']:
-    lines.append(f'- **{r["defence"]}** (`{r["source"]}`)')
+    models = r.get('models')
+    weights = ('; weights ' + ', '.join(
+        f'{k} `{m["params_sha256"][:12]}`' + (f' ({pct(m["clean_accuracy_test_set"])}% clean '
+                                              'on the test set)'
+                                              if m.get('clean_accuracy_test_set') is not None
+                                              else '')
+        for k, m in models.items()) if models else
+               '; weights not recorded (measured before rows named them)')
+    lines.append(f'- **{r["defence"]}** (`{r["source"]}`{weights})')
     for m in r['modes']:
       draws = f', {m["draws"]} draws' if m['draws'] > 1 else ''
       lines.append(f'  - {m["mode"]} ({m["description"]}; {m["num_examples"]} images{draws}; '
