@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import functools
 import math
+import textwrap
 from typing import Any, Callable, Iterator
 
 import jax
@@ -276,7 +277,7 @@ def plot_amplification(curves: dict[str, dict[str, Any]], path: str, title: str 
   ax.set_xticklabels(layers)
   ax.set_xlabel('layer of the target model')
   ax.set_ylabel('||f(x^) - f(x)|| / ||f(x)||')
-  ax.set_title(title)
+  ax.set_title(textwrap.fill(title, 64), fontsize=9)  # (wrapped: a long title is cut)
   ax.grid(alpha=0.3)
   ax.legend(fontsize=7)
   return _save(plt, fig, path)
