@@ -405,7 +405,9 @@ def markdown(result: dict[str, Any]) -> str:
            'the strong white-box set: the minimum over their attacks); robust = the lower of autoattack and adaptive; gap = '
            'as published minus adaptive, in points. Randomised defences: means over '
            f'{result["randomised_draws"]} draws. The survey\'s defences share their published '
-           'and adaptive evaluations with `--table=transforms` (the same configs).', '']
+           'and adaptive evaluations with `--table=transforms` (the same configs). The same '
+           'command trains different weights on different CPU kinds: each row names the weights '
+           'it measured in the details below.', '']
   for dataset in result['datasets']:
     lines += board_lines(result, dataset) + ['']
   for dataset in result['datasets']:
