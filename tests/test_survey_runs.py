@@ -128,6 +128,12 @@ def test_survey_board_writes_results_and_resumes(tmp_path):
   assert saved['datasets']['mnist']['defences'][0]['defence'] == 'bit_depth'
   doc = (tmp_path / 'DEFENCES.md').read_text()
   assert survey_marker_count(doc) == 2 and '| bit_depth |' in doc
+  # Each entry names the weights it measured: both defences protect the one plain net.
+  plain = json.loads((tmp_path / 'w' / 'mnist-smoke' / 'plain' / 'train_summary.json').read_text())
+  for e in entries:
+    assert e['models'] == {'plain': {'params_sha256': plain['params_sha256'],
+                                     'clean_accuracy_test_set': plain['clean_accuracy']}}
+  assert f'- **bit_depth** (weights plain `{plain["params_sha256"][:12]}`' in doc
   # Re-running reuses every evaluation (the same directories, not re-written) and keeps the
   # rows of defences not run this time.
   evals = [m['eval_dir'] for e in entries for m in e['modes']]
@@ -165,7 +171,6 @@ def test_survey_board_writes_results_and_resumes(tmp_path):
     assert c['gap'] == pytest.approx(c['published'] - c['adaptive'])
   assert rows[0]['columns']['0.2']['adaptive_mode'] == 'strong'
   # Each row names the weights it measured: here both protect / are the one plain net.
-  plain = json.loads((tmp_path / 'w' / 'mnist-smoke' / 'plain' / 'train_summary.json').read_text())
   for r in rows:
     assert r['models'] == {'plain': {'params_sha256': plain['params_sha256'],
                                      'clean_accuracy_test_set': plain['clean_accuracy']}}
@@ -214,5 +219,9 @@ def test_training_time_defences_join_the_board_with_their_own_attacks(tmp_path):
   assert 'none' not in {e.survey for e in board.ENTRIES}  # the board has its own plain row
   assert [m['mode'] for m in entry['modes']] == ['published', 'strong']
   assert entry['modes'][0]['model'].endswith('-parseval-b0.0003')
+  own = json.loads((tmp_path / 'w' / 'mnist-smoke' / 'parseval' / 'train_summary.json')
+                   .read_text())
+  assert entry['models']['parseval']['params_sha256'] == own['params_sha256']
+  assert entry['models']['plain']['params_sha256'] == plain['params_sha256'] != own['params_sha256']
   assert set(entry['modes'][1]['per_eps']['0.2']['attacks']) == {'pgd100x2_eps0.2',
                                                                  'pgd100_margin_eps0.2'}

@@ -236,19 +236,12 @@ def _run_dirs(e: Entry, dataset: str, budget: str, workdir: str) -> dict[str, st
 
 
 def model_fingerprints(e: Entry, dataset: str, budget: str, workdir: str) -> dict[str, Any]:
-  """{name: {params_sha256, clean_accuracy (the whole test set)}} of the row's trained models,
-  from their train_summary.json: the same command trains different weights on different CPU
-  kinds, so a row names the weights it measured."""
-  out = {}
-  for name, d in _run_dirs(e, dataset, budget, workdir).items():
-    s = saved_runs.summary_of_run(d)
-    out[name] = {'params_sha256': s['params_sha256'],
-                 'clean_accuracy_test_set': s.get('clean_accuracy')}
-  return out
+  """saved_runs.fingerprints of the row's trained models."""
+  return saved_runs.fingerprints(_run_dirs(e, dataset, budget, workdir))
 
 
 def _row(e: Entry, modes: list[dict[str, Any]], dataset: str,
-         models: dict[str, Any] | None = None) -> dict[str, Any]:
+         models: dict[str, Any]) -> dict[str, Any]:
   """The row's columns at the board's eps from its modes' summaries (survey_report.mode_summary);
   `models`: model_fingerprints of the weights measured."""
   by = {m['mode']: m for m in modes}
@@ -323,5 +316,5 @@ def run_board(workdir: str, budget: str = 'cpu', data_dirs: dict[str, str] | Non
                                key=lambda r: order.index(r['defence']))
       result['elapsed_s'] = time.time() - t0
       result['datasets'] = {**survey.saved_datasets(path), dataset: ds_rows}
-      board_report.write(result, name, results_dir, docs_path, [x.name for x in ENTRIES])
+      board_report.write(result, name, results_dir, docs_path, order)
   return result

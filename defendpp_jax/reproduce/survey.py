@@ -33,6 +33,7 @@ from defendpp_jax import files
 from defendpp_jax import protocol
 from defendpp_jax.reproduce import runner
 from defendpp_jax.reproduce import survey_report
+from defendpp_jax.runs import saved as saved_runs
 
 TABLES = ('transforms', 'board')  # board: defendpp_jax/reproduce/board.py
 DATASETS = ('mnist', 'cifar10')
@@ -342,8 +343,11 @@ def run_survey(table: str, workdir: str, budget: str = 'cpu',
       if d.trains:
         print(f'=== survey {dataset}: {d.name} trains in {run_dir}', flush=True)
         runner._train(_train_config(d, dataset, budget, workdir, data_dir, seed), run_dir)  # pylint: disable=protected-access
+      models = {'plain': runner.model_dir(workdir, dataset, budget, 'plain'),
+                **({d.name: run_dir} if d.trains else {})}
       entry = {'defence': d.name, 'category': d.category, 'anchor': d.anchor,
-               'randomised': d.randomised, 'modes': []}
+               'randomised': d.randomised, 'models': saved_runs.fingerprints(models),
+               'modes': []}
       for mode in modes(d):
         config = eval_config(d, mode, dataset, budget, workdir, data_dir, seed)
         out_dir = os.path.join(os.path.abspath(workdir), f'{dataset}-{budget}', 'evals',

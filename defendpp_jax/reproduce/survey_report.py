@@ -117,12 +117,24 @@ def board(result: dict[str, Any], dataset: str) -> list[str]:
   return lines
 
 
+def weights_text(models: dict[str, Any] | None) -> str:
+  """'weights plain `4ac51545ac22` (97.4% clean on the test set)' of a row's `models`
+  (saved_runs.fingerprints)."""
+  if not models:
+    return 'weights not recorded: measured before rows named them'
+  return 'weights ' + ', '.join(
+      f'{k} `{m["params_sha256"][:12]}`' + (
+          f' ({pct(m["clean_accuracy_test_set"])}% clean on the test set)'
+          if m.get('clean_accuracy_test_set') is not None else '')
+      for k, m in models.items())
+
+
 def details(result: dict[str, Any], dataset: str) -> list[str]:
   """Every mode and attack of every defence on `dataset`, with its settings."""
   ds = result['datasets'][dataset]
   lines = [f'#### {dataset}: every mode and attack (accuracy %, correct / seen)', '']
   for entry in ds['defences']:
-    lines.append(f'- **{entry["defence"]}**')
+    lines.append(f'- **{entry["defence"]}** ({weights_text(entry.get("models"))})')
     for m in entry['modes']:
       draws = f', {m["draws"]} draws' if m['draws'] > 1 else ''
       if m.get('worst_case'):

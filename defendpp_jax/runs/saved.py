@@ -32,6 +32,18 @@ def summary_of_run(workdir: str) -> dict[str, Any]:
     return json.load(f)
 
 
+def fingerprints(run_dirs: dict[str, str]) -> dict[str, Any]:
+  """{name: {params_sha256, clean_accuracy_test_set}} of finished runs {name: directory},
+  from their train_summary.json: the same command trains different weights on different CPU
+  kinds, so a result names the weights it measured."""
+  out = {}
+  for name, d in run_dirs.items():
+    s = summary_of_run(d)
+    out[name] = {'params_sha256': s['params_sha256'],
+                 'clean_accuracy_test_set': s.get('clean_accuracy')}
+  return out
+
+
 def config_of_run(workdir: str) -> ml_collections.ConfigDict:
   """The config a run was trained with (from its train_summary.json, migrated)."""
   return ml_collections.ConfigDict(config_lib.migrate_config(summary_of_run(workdir)['config']))
