@@ -225,3 +225,28 @@ def test_training_time_defences_join_the_board_with_their_own_attacks(tmp_path):
   assert entry['models']['plain']['params_sha256'] == plain['params_sha256'] != own['params_sha256']
   assert set(entry['modes'][1]['per_eps']['0.2']['attacks']) == {'pgd100x2_eps0.2',
                                                                  'pgd100_margin_eps0.2'}
+
+
+def test_every_board_row_evaluates_the_models_it_trains_and_names(tmp_path):
+  """Each row's evaluations run on the directory of the model it trains (its own, or the plain
+  classifier's for a defence in front of it) and its fingerprints name exactly those runs."""
+  from defendpp_jax.reproduce import hgd_cvpr2018 as hgd_spec
+  from defendpp_jax.reproduce import runner
+  root = str(tmp_path)
+  plain = runner.model_dir(root, 'mnist', 'cpu', 'plain')
+  for e in board.ENTRIES:
+    dirs = board._run_dirs(e, 'mnist', 'cpu', root)  # pylint: disable=protected-access
+    mode = board.entry_modes(e)[0]
+    config, run_dir = board.eval_config(e, mode, 'mnist', 'cpu', root, '', 0)
+    validate.validate_config(config)
+    if e.survey:
+      d = survey.BY_NAME[e.survey]
+      own = runner.model_dir(root, 'mnist', 'cpu', d.name)
+      assert run_dir == (own if d.trains else None), e.name
+      assert dirs == ({'plain': plain, d.name: own} if d.trains else {'plain': plain}), e.name
+    elif e.hgd:
+      assert run_dir == hgd_spec.run_dir(root, 'mnist', 'cpu', e.hgd) == dirs[f'hgd_{e.hgd}']
+      assert sorted(dirs) == sorted(['plain', f'hgd_{e.hgd}'])
+    else:
+      assert run_dir == runner.model_dir(root, 'mnist', 'cpu', e.model) == dirs[e.model]
+      assert sorted(dirs) == sorted({'plain', e.model}), e.name

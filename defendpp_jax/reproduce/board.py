@@ -173,14 +173,14 @@ def eval_config(e: Entry, mode: survey.Mode, dataset: str, budget: str, workdir:
         config.eval.attacks = _smoke_attacks(config.eval.attacks)
     # (as the transforms table: a defence in front of the plain classifier is evaluated with
     # its evaluation directory as the run directory)
-    return config, runner.model_dir(workdir, dataset, budget, d.name) if d.trains else None
+    own = _own_run(e, dataset, budget, workdir)
+    return config, own[1] if own else None
   if e.hgd:
     config = hgd_spec.denoiser_config(dataset, e.hgd, budget, workdir, data_dir, seed)
-    run_dir = hgd_spec.run_dir(workdir, dataset, budget, e.hgd)
   else:
     config = runner.model_config(dataset, e.model, budget, workdir, data_dir)
     config.train.seed = seed
-    run_dir = runner.model_dir(workdir, dataset, budget, e.model)
+  run_dir = _run_dirs(e, dataset, budget, workdir)[f'hgd_{e.hgd}' if e.hgd else e.model]
   runner._override(config, survey.SMOKE_EVAL if budget == 'smoke' else survey.SURVEY_EVAL)  # pylint: disable=protected-access
   runner._override(config, mode.overrides)  # pylint: disable=protected-access
   config.eval.attacks = mode.attacks(dataset)
@@ -220,19 +220,24 @@ def _train(e: Entry, dataset, budget, workdir, data_dir, seed) -> None:
     runner._train(config, runner.model_dir(workdir, dataset, budget, e.model))  # pylint: disable=protected-access
 
 
+def _own_run(e: Entry, dataset: str, budget: str, workdir: str) -> tuple[str, str] | None:
+  """(name, run directory) of the model the row trains itself (None: it deploys the plain
+  classifier, or nothing trained)."""
+  if e.survey:
+    d = survey.BY_NAME[e.survey]
+    return (d.name, runner.model_dir(workdir, dataset, budget, d.name)) if d.trains else None
+  if e.hgd:
+    return f'hgd_{e.hgd}', hgd_spec.run_dir(workdir, dataset, budget, e.hgd)
+  if e.model != 'plain':
+    return e.model, runner.model_dir(workdir, dataset, budget, e.model)
+  return None
+
+
 def _run_dirs(e: Entry, dataset: str, budget: str, workdir: str) -> dict[str, str]:
   """{name: run directory} of every trained model the row deploys: the plain classifier (the
   one every defence in front of a classifier protects) and the row's own model, if any."""
-  dirs = {'plain': runner.model_dir(workdir, dataset, budget, 'plain')}
-  if e.survey:
-    d = survey.BY_NAME[e.survey]
-    if d.trains:
-      dirs[d.name] = runner.model_dir(workdir, dataset, budget, d.name)
-  elif e.hgd:
-    dirs[f'hgd_{e.hgd}'] = hgd_spec.run_dir(workdir, dataset, budget, e.hgd)
-  elif e.model != 'plain':
-    dirs[e.model] = runner.model_dir(workdir, dataset, budget, e.model)
-  return dirs
+  own = _own_run(e, dataset, budget, workdir)
+  return {'plain': runner.model_dir(workdir, dataset, budget, 'plain'), **dict([own] if own else [])}
 
 
 def model_fingerprints(e: Entry, dataset: str, budget: str, workdir: str) -> dict[str, Any]:
