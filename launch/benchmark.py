@@ -127,7 +127,7 @@ def bench_jax(arch: str, width: int, shape: tuple[int, int, int], batch: int,
   x_np = rng.uniform(size=(batch, *shape)).astype(np.float32)
   y_np = rng.integers(0, 10, batch).astype(np.int32)
   x, y = parallel.shard_batch(mesh, x_np, y_np)
-  state = jax.jit(recipe.init, out_shardings=parallel.replicated(mesh))(jax.random.key(0))
+  state = parallel.initial_state(recipe.init, jax.random.key(0), mesh)
   variables = state.variables
   base = {'arch': arch, 'width': width, 'input': 'x'.join(map(str, shape)), 'batch': batch,
           'framework': 'jax', 'conv': models.resolve_conv_backend(conv)}

@@ -163,7 +163,7 @@ def bench_hgd(width: int, shape, batch: int, repeats: int, conv: str = 'auto',
 
   def timed(recipe, images, weights, frozen):
     step = training.jit_train_step(functools.partial(recipes.train_step, recipe=recipe), mesh)
-    holder = [jax.jit(recipe.init, out_shardings=parallel.replicated(mesh))(jax.random.key(0))]
+    holder = [parallel.initial_state(recipe.init, jax.random.key(0), mesh)]
     xs, ys = parallel.shard_batch(mesh, images, y)
 
     def once():
@@ -227,7 +227,7 @@ def bench_training_defences(width: int, shape, batch: int, repeats: int, conv: s
     if name == 'distillation':  # the student's soft labels
       labels = np.asarray(jax.nn.softmax(rng.normal(size=(batch, 10))), np.float32)
     step = training.jit_train_step(functools.partial(recipes.train_step, recipe=recipe), mesh)
-    holder = [jax.jit(recipe.init, out_shardings=parallel.replicated(mesh))(jax.random.key(0))]
+    holder = [parallel.initial_state(recipe.init, jax.random.key(0), mesh)]
     xs, ys = parallel.shard_batch(mesh, x, labels)
     weights = jnp.ones(len(recipe.term_names))
 

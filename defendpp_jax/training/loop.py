@@ -161,7 +161,7 @@ class _Run:
     self.total_steps = self.steps_per_epoch * config.train.num_epochs
     key = jax.random.key(config.train.seed)
     init_key, self.step_key = jax.random.split(key)
-    self.state = jax.jit(recipe.init, out_shardings=parallel.replicated(mesh))(init_key)
+    self.state = parallel.initial_state(recipe.init, init_key, mesh)
     self.ckpt = checkpointing.Checkpointer(os.path.join(workdir, 'checkpoints'),
                                            max_to_keep=config.train.max_to_keep)
     restored, self.meta = self.ckpt.restore_latest(checkpointing.abstract_like(self.state))
