@@ -30,11 +30,11 @@ def replicated(mesh: Mesh) -> NamedSharding:
 # XLA's backend optimisation level for the one-off initial state of a run. At level 1 a width-8
 # ResNet-18's initialisation compiled in 4 s instead of 24 s here, another job beside it (the
 # lab's models: 3-10x); it runs once, so its own speed does not matter. Its values are the
-# default level's up to the last bit of a float32 (tests/test_training.py, per initialiser kind): bit for bit
-# for the twelve `cpu`-budget models checked on an AVX2 EPYC (MNIST and CIFAR-10 plain, Defend++,
-# hourglass, ComDefend, VGG16 and ResNet-50 Defend++, RSE, ADP, Adv-BNN, Defense-GAN,
-# distillation), but the two levels may contract a multiply-add differently, and 1 ulp of a
-# weight is another trained model.
+# default level's up to the last bit of a float32 (tests/test_training.py, per initialiser
+# kind): bit for bit for the twelve `cpu`-budget models checked on an AVX2 EPYC (MNIST and
+# CIFAR-10 plain, Defend++, hourglass, ComDefend, VGG16 and ResNet-50 Defend++, RSE, ADP,
+# Adv-BNN, Defense-GAN, distillation), but the two levels may contract a multiply-add
+# differently, and 1 ulp of a weight is another trained model.
 INIT_COMPILER_OPTIONS = {'xla_backend_optimization_level': 1}
 
 

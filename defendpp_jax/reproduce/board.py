@@ -236,8 +236,11 @@ def _own_run(e: Entry, dataset: str, budget: str, workdir: str) -> tuple[str, st
 def _run_dirs(e: Entry, dataset: str, budget: str, workdir: str) -> dict[str, str]:
   """{name: run directory} of every trained model the row deploys: the plain classifier (the
   one every defence in front of a classifier protects) and the row's own model, if any."""
+  dirs = {'plain': runner.model_dir(workdir, dataset, budget, 'plain')}
   own = _own_run(e, dataset, budget, workdir)
-  return {'plain': runner.model_dir(workdir, dataset, budget, 'plain'), **dict([own] if own else [])}
+  if own:
+    dirs[own[0]] = own[1]
+  return dirs
 
 
 def model_fingerprints(e: Entry, dataset: str, budget: str, workdir: str) -> dict[str, Any]:
