@@ -13,6 +13,7 @@ import os
 from typing import Any
 
 from defendpp_jax import files
+from defendpp_jax.reproduce.survey_report import attack_cell
 from defendpp_jax.reproduce.survey_report import clean_cell
 from defendpp_jax.reproduce.survey_report import pct
 from defendpp_jax.reproduce.survey_report import weights_text
@@ -69,9 +70,7 @@ def detail_lines(result: dict[str, Any], dataset: str) -> list[str]:
       lines.append(f'  - {m["mode"]} ({m["description"]}; {m["num_examples"]} images{draws}; '
                    f'`{m["eval_dir"]}`):')
       for e, pe in m['per_eps'].items():
-        cells = [f'{k} {pct(a["accuracy"])} ({a["correct"]}/{a["seen"]}, {a["view"]}'
-                 f'{", EOT " + str(a["eot_samples"]) if a["eot_samples"] > 1 else ""})'
-                 for k, a in pe['attacks'].items()]
+        cells = [attack_cell(k, a) for k, a in pe['attacks'].items()]
         lines.append(f'    - eps {e}: ' + '; '.join(cells))
   return lines + ['']
 

@@ -129,6 +129,12 @@ def weights_text(models: dict[str, Any] | None) -> str:
       for k, m in models.items())
 
 
+def attack_cell(name: str, a: dict[str, Any], extra: str = '') -> str:
+  """'pgd100_eps0.2 12.0 (12/100, exact, EOT 10<extra>)' of one attack's summary."""
+  eot = f', EOT {a["eot_samples"]}' if a['eot_samples'] > 1 else ''
+  return f'{name} {pct(a["accuracy"])} ({a["correct"]}/{a["seen"]}, {a["view"]}{eot}{extra})'
+
+
 def details(result: dict[str, Any], dataset: str) -> list[str]:
   """Every mode and attack of every defence on `dataset`, with its settings."""
   ds = result['datasets'][dataset]
@@ -141,13 +147,9 @@ def details(result: dict[str, Any], dataset: str) -> list[str]:
         draws += ', worst-case cascade'
       lines.append(f'  - {m["mode"]} ({m["description"]}{draws}; `{m["eval_dir"]}`):')
       for e, pe in m['per_eps'].items():
-        cells = []
-        for k, a in pe['attacks'].items():
-          extra = f', EOT {a["eot_samples"]}' if a['eot_samples'] > 1 else ''
-          if 'detection_rate' in a:
-            extra += f', {pct(a["detection_rate"])}% rejected'
-          cells.append(f'{k} {pct(a["accuracy"])} ({a["correct"]}/{a["seen"]}, '
-                       f'{a["view"]}{extra})')
+        cells = [attack_cell(k, a, f', {pct(a["detection_rate"])}% rejected'
+                             if 'detection_rate' in a else '')
+                 for k, a in pe['attacks'].items()]
         lines.append(f'    - eps {e}: ' + '; '.join(cells))
       for k, a in m.get('minimal_norm', {}).items():
         at = ', '.join(f'{pct(v)}% @ {t}' for t, v in (a.get('accuracy_at') or {}).items())
