@@ -11,6 +11,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_DATA = os.path.join(os.path.dirname(ROOT), 'shared', 'data')
 sys.path.insert(0, ROOT)
 os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', os.path.join(ROOT, '.cache', 'jax'))
+# Every program into the cache, not only those compiled in over 1 s: the suite compiles the same
+# small programs (one attack on one smoke model, a model's forward pass) in many tests and
+# processes, and on a clean machine over half of its compilations are then cache hits.
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 # The tests' programs are small and mostly compiled once: XLA's cheaper CPU backend passes
 # halve the suite's time (compilation dominates it) and change no result beyond the
 # tolerances the tests use. Set before JAX is imported; flags already given are kept.

@@ -230,6 +230,40 @@ def _mlp_model(seed=0):
   return defences.from_logits_fn(lambda x: jnp.tanh(x.reshape(len(x), -1) @ w1 - 1.0) @ w2)
 
 
+def test_an_attack_at_another_eps_reuses_its_program_and_matches_its_constant_build():
+  # The eps (and step size) of an attack are arguments of its jitted program: the second eps
+  # is neither traced nor compiled again, and crafts what the attack compiled with its
+  # settings as constants crafts.
+  import functools
+  import jax
+  from defendpp_jax import attacks
+  from defendpp_jax import defences
+  images, labels, _ = _linear_set(n=16, seed=2)
+  base = _mlp_model()
+  traces = []
+
+  def logits(x):
+    traces.append(x.shape)  # Python runs once per trace, never per call of a compiled program
+    return base.logits({}, x, None)
+  model = defences.from_logits_fn(logits)
+  key = jax.random.key(3)
+  for name, settings in (('fgsm', {}), ('pgd', {'steps': 5}), ('apgd', {'steps': 8}),
+                         ('pgd', {'steps': 5, 'norm': 'l2'})):
+    traced = None
+    for eps in (0.1, 0.2):
+      spec = specs.make_spec(name, eps=eps, **settings)
+      x_adv = np.asarray(runner.make_attack_fn(spec, model, 'exact', 1, 1)(
+          model.variables, images, labels, key))
+      traced = len(traces) if traced is None else traced
+      assert len(traces) == traced, (name, eps)
+      want = jax.jit(functools.partial(attacks.ATTACKS[spec.attack],
+                                       lambda x: base.logits({}, x, None), key=key,
+                                       **spec.kwargs))(images, labels)
+      np.testing.assert_allclose(x_adv, np.asarray(want), rtol=0, atol=1e-6)
+      if settings.get('norm') != 'l2':
+        assert np.max(np.abs(x_adv - images)) <= eps + 1e-6
+
+
 def test_worst_case_equals_the_per_example_and_over_deterministic_attacks():
   import jax
   images, labels, _ = _linear_set(n=40, seed=1)

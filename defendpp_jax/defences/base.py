@@ -79,6 +79,16 @@ class Defence:
     """The deployed function: logits of x (key: the draw of a randomised defence)."""
     return self.apply(variables, x, key, False)
 
+  def program(self, key: Any, build: Callable[[], Callable[..., Any]]) -> Callable[..., Any]:
+    """`build()` (a jitted function of this defence's variables and inputs) built once per
+    process and `key`: every attack run on one defence with the same program (an eps sweep, the
+    same attack at two eps, the predictions after each attack) is traced and compiled once.
+    Kept on the instance, so it lives as long as the defence (a replaced copy starts anew)."""
+    memo = self.__dict__.setdefault('_programs', {})
+    if key not in memo:
+      memo[key] = build()
+    return memo[key]
+
   @property
   def default_view(self) -> str:
     """The strongest view this defence declares (what config.eval.view='auto' resolves to)."""

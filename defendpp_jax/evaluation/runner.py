@@ -60,7 +60,9 @@ def classify_key(defence: Defence, key: jax.Array, batch: int) -> jax.Array | No
 
 
 def predict_fn(defence: Defence):
-  return jax.jit(lambda v, x, k: jnp.argmax(defence.logits(v, x, k), -1))
+  """jit(variables, x, key) -> the deployed defence's predicted classes (one per defence)."""
+  return defence.program('predict', lambda: jax.jit(
+      lambda v, x, k: jnp.argmax(defence.logits(v, x, k), -1)))
 
 
 def defended(defence: Defence, pred: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -117,8 +119,8 @@ def clean_counts(defence: Defence, images: np.ndarray, labels: np.ndarray, batch
   mesh = mesh or parallel.make_mesh()
   key = jax.random.key(0) if key is None else key
   batch_size = parallel.divisible_batch(batch_size, mesh)
-  count = jax.jit(lambda v, x, y, m, k: jnp.sum(
-      (jnp.argmax(defence.logits(v, x, k), -1) == y) & m))
+  count = defence.program('count', lambda: jax.jit(lambda v, x, y, m, k: jnp.sum(
+      (jnp.argmax(defence.logits(v, x, k), -1) == y) & m)))
   correct = 0
   for i, (x, y, m) in enumerate(data_lib.eval_batches(images, labels, batch_size)):
     correct += int(count(defence.variables, *parallel.put_batch(mesh, x, y, m),
@@ -156,17 +158,31 @@ class AttackResult:
     return min(self.correct_per_draw) / self.seen
 
 
+# Numeric budgets passed to the jitted attack as arguments, not compiled in as constants: the
+# same attack at another eps (an eps sweep, the survey's two eps) reuses one program. The same
+# adversarials as constants, bit for bit, but for L2 APGD / Square (a pixel's last bit may differ).
+TRACED_BUDGETS = ('eps', 'step_size', 'gamma')
+
+
 def make_attack_fn(spec: AttackSpec, source: Defence, view: str, eot_samples: int,
                    eot_chunk: int):
-  """jit(variables, x, y, key) -> x_adv, crafted on `source`'s `view`."""
+  """(variables, x, y, key) -> x_adv, crafted on `source`'s `view`; jitted once per source,
+  attack, view and static settings (TRACED_BUDGETS are arguments of the program)."""
   attack = attacks_lib.ATTACKS[spec.attack]
-  kwargs = dict(spec.kwargs)
+  budgets = {k: float(v) for k, v in spec.kwargs.items()
+             if k in TRACED_BUDGETS and isinstance(v, (int, float)) and not isinstance(v, bool)}
+  static = {k: v for k, v in spec.kwargs.items() if k not in budgets}
 
-  def run(variables, x, y, key):
-    model = source.attack_model(view, eot_samples, eot_chunk, variables=variables)
-    return attack(model, x, y, key=key, **kwargs)
+  def build():
+    def run(variables, x, y, key, budgets):
+      model = source.attack_model(view, eot_samples, eot_chunk, variables=variables)
+      return attack(model, x, y, key=key, **static, **budgets)
+    return jax.jit(run)
 
-  return jax.jit(run)
+  program = source.program(
+      ('attack', spec.attack, json.dumps(jsonable(static), sort_keys=True, default=str),
+       view, eot_samples, eot_chunk), build)
+  return lambda variables, x, y, key: program(variables, x, y, key, budgets)
 
 
 # Adversarials crafted on one model and classified by others (transfer, grey-box), kept for the
