@@ -260,8 +260,12 @@ def test_an_attack_at_another_eps_reuses_its_program_and_matches_its_constant_bu
                                        lambda x: base.logits({}, x, None), key=key,
                                        **spec.kwargs))(images, labels)
       np.testing.assert_allclose(x_adv, np.asarray(want), rtol=0, atol=1e-6)
-      if settings.get('norm') != 'l2':
-        assert np.max(np.abs(x_adv - images)) <= eps + 1e-6
+      delta = (x_adv - images).reshape(len(images), -1)
+      if settings.get('norm') == 'l2':
+        assert np.max(np.linalg.norm(delta, axis=1)) <= eps + 1e-5, (name, eps)
+      else:
+        assert np.max(np.abs(delta)) <= eps + 1e-6, (name, eps)
+      assert x_adv.min() >= 0.0 and x_adv.max() <= 1.0
 
 
 def test_worst_case_equals_the_per_example_and_over_deterministic_attacks():
