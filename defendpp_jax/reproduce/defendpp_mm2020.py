@@ -54,11 +54,12 @@ CPU_BUDGET = {
 # available (the kernels a run used are recorded in its train_summary.json, `conv_backend`).
 CPU_BUDGET_CIFAR = {**CPU_BUDGET, 'train.num_epochs': 4, 'model.conv': 'auto'}
 # `medium`: does training time change the cpu budget's verdict? Twice the width and 20x the
-# epochs of the cpu budget (MNIST ~20 h of training for Table 1's eight models on 2 cores; see
-# docs/REPRODUCTION.md), the paper's learning-rate steps at the same fractions of the run
-# (MNIST 100 / 200 of 250 epochs -> 8 / 16 of 20; CIFAR-10 100 / 200 of 300 -> 10 / 20 of 30),
-# the configs' own padding (PyTorch's, the paper networks') and BatchNorm re-estimation, the
-# faster kernels, the first 1,000 test images and the paper's attacks (as cpu).
+# epochs of the cpu budget (MNIST: ~48 min of training per Defend++ model on 2 cores, from
+# measured step times; docs/REPRODUCTION.md), the paper's learning-rate steps at the same
+# fractions of the run (MNIST 100 / 200 of 250 epochs -> 8 / 16 of 20; CIFAR-10 100 / 200 of
+# 300 -> 10 / 20 of 30), the configs' own padding (PyTorch's, the paper networks') and
+# BatchNorm re-estimation, the faster kernels, the first 1,000 test images and the paper's
+# attacks (as cpu).
 MEDIUM_BUDGET = {
     'model.width': 16,
     'model.conv': 'auto',
