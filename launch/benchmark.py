@@ -6,11 +6,14 @@
 Prints images per second (median of --repeats timed runs after one compiling run) and the compile
 time separately. With --json, one JSON object per line:
   {"work": "forward"|"train_step"|"attack_step"|"pgd", "arch", "width", "input", "batch",
-   "steps" (pgd, eot_pgd), "eot_samples" (eot_pgd), "img_per_s", "compile_s", "framework",
+   "steps" (pgd, eot_pgd), "eot_samples", "eot_chunk", "temp_mb" (eot_pgd: XLA's temporary
+   buffers of the program, MiB), "img_per_s", "compile_s", "framework",
    "conv" (JAX: the kernels the convolutions ran on, xla | onednn), "cpu" (model name and its
    vector / matrix extensions: the figures depend on the CPU kind)}
 --eot=1,10 (default) times PGD-10 with EOT over k draws of a randomised defence (the classifier
-behind Gaussian input noise) and prints EOT-k time / (k x EOT-1 time).
+behind Gaussian input noise) and prints EOT-k time / (k x EOT-1 time); --eot_chunk=c vmaps c
+draws at a time (--eot_chunk=0,5: both; the chunks run one after another: memory stays that
+of one chunk).
 --hgd times HGD's denoiser training step against the classifier's (`python -m launch.benchmark
 --hgd --width=8 --input=28x28x1,32x32x3 --batch=32`). --training_defences times the training
 step of each training-time defence against the plain classifier's (`python -m launch.benchmark
@@ -32,6 +35,7 @@ from __future__ import annotations
 
 import functools
 import json
+import time
 import types
 
 from absl import app
@@ -72,6 +76,9 @@ _PADDING = flags.DEFINE_enum('padding', 'torch', ['torch', 'same'], 'config.mode
                              'JAX model (same: the padding of runs saved before the field).')
 _EOT = flags.DEFINE_list('eot', ['1', '10'], 'EOT sample counts k of the EOT-PGD-10 '
                          'measurement (the classifier behind Gaussian input noise); "" = none.')
+_EOT_CHUNK = flags.DEFINE_list('eot_chunk', ['0'], 'Draws of the EOT-PGD-10 runs vmapped at '
+                               'a time, one measurement each (0: all k at once; the chunks run '
+                               'one after another).')
 _DEFENCES = flags.DEFINE_bool('defences', False, 'Instead: the survey\'s defences (forward of '
                               'each, TV vs scikit-image, quilting kNN vs the matmul ceiling, '
                               'EOT-k PGD per randomised defence; launch/benchmark_defences.py).')
@@ -104,7 +111,9 @@ def _emit(record: dict) -> None:
     fw = record['framework'] + (f'/{record["conv"]}' if 'conv' in record else '')
     print(f'{fw:10s} {record["work"]:11s}{extra:6s} {record["arch"]} '
           f'w{record["width"]} {record["input"]} batch {record["batch"]}: '
-          f'{record["img_per_s"]:9.1f} img/s (compile {record["compile_s"]:.1f} s)', flush=True)
+          f'{record["img_per_s"]:9.1f} img/s (compile {record["compile_s"]:.1f} s'
+          + (f', chunk {record["eot_chunk"]}, temporaries {record["temp_mb"]:.0f} MiB'
+             if record.get('temp_mb') is not None else '') + ')', flush=True)
 
 
 def _jax_setup(arch: str, width: int, shape: tuple[int, int, int], decoder: str, conv: str):
@@ -120,7 +129,7 @@ def _jax_setup(arch: str, width: int, shape: tuple[int, int, int], decoder: str,
 
 def bench_jax(arch: str, width: int, shape: tuple[int, int, int], batch: int,
               steps: list[int], decoder: str, repeats: int, conv: str = 'auto',
-              eot: tuple[int, ...] = ()) -> list[dict]:
+              eot: tuple[int, ...] = (), eot_chunks: tuple[int, ...] = (0,)) -> list[dict]:
   model, recipe = _jax_setup(arch, width, shape, decoder, conv)
   mesh = parallel.make_mesh()
   rng = np.random.default_rng(0)
@@ -161,22 +170,29 @@ def bench_jax(arch: str, width: int, shape: tuple[int, int, int], batch: int,
     fn = pgd_fn(k)
     c, t = _time(lambda: fn(variables, x, y, key), max(2, repeats // 2) if k > 20 else repeats)
     out.append({**base, 'work': 'pgd', 'steps': k, 'img_per_s': batch / t, 'compile_s': c})
-  out += _bench_eot(model, variables, x, y, key, eot, base, repeats)
+  out += _bench_eot(model, variables, x, y, key, eot, base, repeats, eot_chunks)
   return out
 
 
-def _bench_eot(model, variables, x, y, key, eot, base, repeats) -> list[dict]:
-  """PGD-10 with EOT over k draws of input noise (the classifier behind Gaussian noise)."""
+def _bench_eot(model, variables, x, y, key, eot, base, repeats, chunks=(0,)) -> list[dict]:
+  """PGD-10 with EOT over k draws of input noise (the classifier behind Gaussian noise),
+  for each of `chunks` draws vmapped at a time (0: all k), and the XLA temporaries of its
+  program."""
   noisy = defences.preprocess(defences.gaussian_noise(0.1), defences.classifier_defence(
       model, variables, 'classifier'))
   out = []
-  for k in eot:
-    fn = jax.jit(lambda v, x, y, key, k=k: attacks.pgd(
-        noisy.attack_model('eot', eot_samples=k, eot_chunk=k, variables=v), x, y, eps=0.3,
+  for k, c in sorted({(k, min(c or k, k)) for k in eot for c in chunks}):
+    fn = jax.jit(lambda v, x, y, key, k=k, c=c: attacks.pgd(
+        noisy.attack_model('eot', eot_samples=k, eot_chunk=c, variables=v), x, y, eps=0.3,
         step_size=0.03, num_steps=10, key=key))
-    c, t = _time(lambda: fn(noisy.variables, x, y, key), max(2, repeats // 2))
-    out.append({**base, 'work': 'eot_pgd', 'steps': 10, 'eot_samples': k,
-                'img_per_s': x.shape[0] / t, 'compile_s': c})
+    t0 = time.perf_counter()
+    compiled = fn.lower(noisy.variables, x, y, key).compile()
+    compile_s = time.perf_counter() - t0
+    _, t = _time(lambda: compiled(noisy.variables, x, y, key), max(2, repeats // 2))
+    memory = compiled.memory_analysis()
+    out.append({**base, 'work': 'eot_pgd', 'steps': 10, 'eot_samples': k, 'eot_chunk': c,
+                'img_per_s': x.shape[0] / t, 'compile_s': compile_s,
+                'temp_mb': memory.temp_size_in_bytes / 2**20 if memory else None})
   return out
 
 
@@ -421,7 +437,7 @@ def main(argv):
       eot = tuple(int(k) for k in _EOT.value if k)
       records = [r for conv in _CONV.value for r in bench_jax(
           _ARCH.value, width, shape, _BATCH.value, steps, _DECODER.value, _REPEATS.value, conv,
-          eot)]
+          eot, tuple(int(c) for c in _EOT_CHUNK.value))]
       if _COMPARE.value == 'torch':
         records += bench_torch(width, shape, _BATCH.value, steps, _REPEATS.value)
       if not _JSON.value:
@@ -441,11 +457,17 @@ def main(argv):
           text = [f'attack_step / train_step = {a / jax_by[("train_step", None)]:.2f}']
           text += [f'PGD-{k} x {k} / attack_step = {jax_by[("pgd", k)] * k / a:.2f}'
                    for k in steps]
-          eot_by = {r['eot_samples']: r['img_per_s'] for r in records
+          eot_by = {(r['eot_samples'], r['eot_chunk']): r for r in records
                     if r['work'] == 'eot_pgd' and r['conv'] == conv}
-          if 1 in eot_by:
-            text += [f'EOT-{k} PGD-10 time / ({k} x EOT-1) = {eot_by[1] / (k * v):.2f}'
-                     for k, v in eot_by.items() if k > 1]
+          if (1, 1) in eot_by:
+            one = eot_by[(1, 1)]['img_per_s']
+            text += [f'EOT-{k} (chunk {c}) PGD-10 time / ({k} x EOT-1) = '
+                     f'{one / (k * r["img_per_s"]):.2f}' for (k, c), r in eot_by.items() if k > 1]
+          text += [f'EOT-{k} chunk {c} / chunk {k}: time '
+                   f'{eot_by[(k, k)]["img_per_s"] / r["img_per_s"]:.2f}, temporaries '
+                   f'{r["temp_mb"] / eot_by[(k, k)]["temp_mb"]:.2f}'
+                   for (k, c), r in eot_by.items()
+                   if c < k and (k, k) in eot_by and r['temp_mb'] and eot_by[(k, k)]['temp_mb']]
           text += [f'{w}{"-" + str(k) if k else ""} / torch = {v / torch_by[(w, k)]:.2f}'
                    for (w, k), v in jax_by.items() if (w, k) in torch_by]
           print(f'      jax/{conv} ratios: ' + '; '.join(text), flush=True)
