@@ -29,8 +29,9 @@ LGD and every survey defence, at one eps per dataset (MNIST 0.2; CIFAR-10 0.05 a
 as published, autoattack (or autoattack_rand), the strongest adaptive mode, robust (the worse of
 the two), the gap and the checks that fired. --defences takes row sources (plain, ours, ours_gn,
 comdefend, adv_fgsm, adv_pgd, adv_ddn, hgd_lgd, jpeg, ...); the survey rows share their
-evaluations with --table=transforms. Writes RESULTS_DIR/survey_board.json / .md and the board's
-section of docs/DEFENCES.md.
+evaluations with --table=transforms, and --from_transforms takes the rows that add nothing to
+that table (Defense-GAN: no autoattack) from its results file. Writes RESULTS_DIR/
+survey_board.json / .md and the board's section of docs/DEFENCES.md.
 
 --paper=hgd --table=2|3|4|5|8|9: HGD's tables (defendpp_jax/reproduce/hgd_cvpr2018.py): the
 target ResNet-18, its training ensemble (VGG16, ResNet-50), the held-out ResNet-34 and the
@@ -67,6 +68,10 @@ _MODELS = flags.DEFINE_list('models', [], 'Defend++ tables: run only the rows of
                             '(plain, ours, ours_gn, hourglass, ...; [] = all); the results file '
                             'keeps its other rows.')
 _DEFENCES = flags.DEFINE_list('defences', [], 'Survey: defences (board: row sources) to run ([] = all).')
+_FROM_TRANSFORMS = flags.DEFINE_bool(
+    'from_transforms', False, 'Survey board: take the --defences rows whose board modes are '
+    'exactly the transforms table\'s (no autoattack: defense_gan) from RESULTS_DIR/'
+    'survey_transforms.json (the same evaluation configs) instead of evaluating them again.')
 _DOCS = flags.DEFINE_string('docs', '', 'Survey / HGD: the document written ("" = '
                             'docs/DEFENCES.md / docs/HGD.md at the cpu budget, none otherwise).')
 flags.mark_flags_as_required(['table', 'workdir'])
@@ -89,7 +94,8 @@ def main(argv):
                         docs_path=_DOCS.value or ('docs/DEFENCES.md' if _BUDGET.value == 'cpu'
                                                   else None),
                         seed=_SEED.value, datasets=tuple(_DATASETS.value),
-                        defences=tuple(_DEFENCES.value) or None)
+                        defences=tuple(_DEFENCES.value) or None,
+                        from_transforms=_FROM_TRANSFORMS.value)
     else:
       if _TABLE.value not in reproduce.TABLES:
         raise app.UsageError(f'--table={_TABLE.value!r} is not one of {reproduce.TABLES}')

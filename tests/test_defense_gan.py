@@ -11,6 +11,8 @@ import pytest
 from defendpp_jax import attacks
 from defendpp_jax import defences
 from defendpp_jax.defences import defense_gan
+from defendpp_jax.reproduce import board
+from defendpp_jax.reproduce import survey
 from defendpp_jax.training import gan
 
 H = W = 4                  # toy images 4 x 4 x 1: 16 pixels
@@ -182,7 +184,6 @@ def test_board_entry_configs(tmp_path):
   of the board's plain classifier, with its own attacks."""
   from defendpp_jax import validate  # pylint: disable=g-import-not-at-top
   from defendpp_jax.reproduce import runner  # pylint: disable=g-import-not-at-top
-  from defendpp_jax.reproduce import survey  # pylint: disable=g-import-not-at-top
   d = survey.BY_NAME['defense_gan']
   modes = survey.modes(d)
   assert [m.name for m in modes] == ['published', 'naive', 'bpda+eot', 'latent']
@@ -197,3 +198,56 @@ def test_board_entry_configs(tmp_path):
     assert ('latent(eps=0.2' in attacks) == (mode.name == 'latent')
   t = survey._train_config(d, 'mnist', 'cpu', str(tmp_path), '', 0)  # pylint: disable=protected-access
   assert t.defense.name == 'defense_gan' and t.defense.classifier_workdir == plain
+
+
+def _summary(mode, accuracies, clean):
+  """The survey table's summary of one mode whose attack rows have these accuracies per eps
+  (through survey_report.mode_summary, as --table=transforms writes it)."""
+  from defendpp_jax.reproduce import survey_report
+  rows = [{'attack': f'pgd100_eps{e}', 'eps': float(e), 'accuracy': a, 'correct': int(200 * a),
+           'seen': 200, 'view': 'bpda', 'eot_samples': 1} for e, a in accuracies.items()]
+  report = {'rows': rows, 'model': 'defense_gan-w16', 'clean_accuracy': clean,
+            'num_examples': 100, 'draws': 2, 'sanity_checks': [], 'sanity_checks_passed': True}
+  return survey_report.mode_summary(mode, report, f'/evals/{mode.name}')
+
+
+def test_board_takes_defense_gan_from_the_transforms_table(tmp_path):
+  """--from_transforms: the Defense-GAN row (no autoattack: its modes are exactly the
+  transforms table's) is built from the saved table, nothing trained or evaluated; every
+  mismatch is a clear error."""
+  e = board.BY_NAME['defense_gan']
+  accs = {'published': 0.8, 'naive': 0.05, 'bpda+eot': 0.5, 'latent': 0.3}
+  modes = [_summary(m, {'0.2': accs[m.name], '0.1': 0.9}, 0.955) for m in board.entry_modes(e)]
+  saved = {'seed': 0, 'datasets': {'mnist': {'defences': [
+      {'defence': 'defense_gan', 'modes': modes}]}}}
+  results = tmp_path / 'results'
+  results.mkdir()
+  path = results / 'survey_transforms_smoke.json'
+  path.write_text(json.dumps(saved))
+  kwargs = dict(workdir=str(tmp_path / 'w'), budget='smoke', results_dir=str(results),
+                datasets=('mnist',), defences=('defense_gan',), from_transforms=True)
+  res = board.run_board(**kwargs)
+  row, = res['datasets']['mnist']['rows']
+  c = row['columns']['0.2']
+  assert (c['published'], c['autoattack'], c['adaptive'], c['adaptive_mode']) == (
+      0.8, None, 0.05, 'naive')
+  assert c['robust'] == 0.05 and abs(c['gap'] - 0.75) < 1e-12
+  assert row['clean_accuracy'] == 0.955 and row['no_autoattack']
+  assert not (tmp_path / 'w').exists()  # nothing trained, nothing evaluated
+  md = (results / 'survey_board_smoke.md').read_text()
+  assert 'taken from `survey_transforms_smoke.json` (--from_transforms)' in md
+  with pytest.raises(ValueError, match='adds autoattack'):
+    board.run_board(**{**kwargs, 'defences': ('bit_depth',)})
+  with pytest.raises(ValueError, match='seed 0'):
+    board.run_board(**{**kwargs, 'seed': 1})
+  with pytest.raises(ValueError, match='no cifar10 row'):
+    board.run_board(**{**kwargs, 'datasets': ('cifar10',)})
+  path.write_text(json.dumps({**saved, 'datasets': {'mnist': {'defences': [
+      {'defence': 'defense_gan', 'modes': modes[:2]}]}}}))
+  with pytest.raises(ValueError, match='the board evaluates'):
+    board.run_board(**kwargs)
+  path.unlink()
+  with pytest.raises(FileNotFoundError, match='survey_transforms_smoke.json'):
+    board.run_board(**kwargs)
+  with pytest.raises(ValueError, match='needs --table=board'):
+    survey.run_survey('transforms', **{k: v for k, v in kwargs.items() if k != 'defences'})

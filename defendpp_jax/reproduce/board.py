@@ -26,6 +26,7 @@ evaluations have not run is absent, and the board says which rows are missing.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 from typing import Any, Callable
@@ -277,13 +278,48 @@ def _row(e: Entry, modes: list[dict[str, Any]], dataset: str,
           'models': models, 'modes': modes}
 
 
+def transforms_modes(e: Entry, dataset: str, budget: str, seed: int,
+                     results_dir: str) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+  """(mode summaries, model fingerprints or None) of row `e` as `--table=transforms` saved them
+  in results_dir, for a row whose board modes are exactly that table's (no autoattack:
+  Defense-GAN). A clear error if the file, the dataset or the row is missing, or if the saved
+  seed or modes are not the board's."""
+  if not (e.survey and e.no_autoattack):
+    raise ValueError(f'--from_transforms: the board row {e.name!r} adds autoattack to the '
+                     "transforms table's modes, so it is evaluated here; only rows without "
+                     'autoattack are taken from the transforms table ('
+                     + ', '.join(x.survey for x in SURVEY_ENTRIES if x.no_autoattack) + ')')
+  path = os.path.join(results_dir,
+                      f'survey_transforms{"" if budget == "cpu" else "_" + budget}.json')
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'--from_transforms: no {path} (run --table=transforms first)')
+  with open(path) as f:
+    saved = json.load(f)
+  if saved.get('seed') != seed:
+    raise ValueError(f'--from_transforms: {path} was measured with seed {saved.get("seed")}, '
+                     f'the board with --seed={seed}')
+  rows = saved.get('datasets', {}).get(dataset, {}).get('defences', [])
+  row = next((r for r in rows if r['defence'] == e.survey), None)
+  if row is None:
+    raise ValueError(f'--from_transforms: {path} has no {dataset} row of {e.survey}')
+  names = [m['mode'] for m in row['modes']]
+  want = [m.name for m in entry_modes(e)]
+  if names != want:
+    raise ValueError(f'--from_transforms: {path} has the modes {names} of {e.survey} on '
+                     f'{dataset}, the board evaluates {want}')
+  return [dict(m, measured_in=os.path.basename(path)) for m in row['modes']], row.get('models')
+
+
 def run_board(workdir: str, budget: str = 'cpu', data_dirs: dict[str, str] | None = None,
               results_dir: str = 'results', docs_path: str | None = None, seed: int = 0,
               datasets: tuple[str, ...] = survey.DATASETS,
-              defences: tuple[str, ...] | None = None) -> dict[str, Any]:
+              defences: tuple[str, ...] | None = None,
+              from_transforms: bool = False) -> dict[str, Any]:
   """Trains (or reuses) and evaluates the rows, writes results/survey_board[_<budget>].json /
   .md and the board into `docs_path` (if given). `defences`: row names or their sources
-  (e.g. `ours`, `jpeg`, `hgd_lgd`)."""
+  (e.g. `ours`, `jpeg`, `hgd_lgd`). `from_transforms`: the chosen rows (each without
+  autoattack: Defense-GAN) are taken from the transforms table's results in `results_dir`
+  (the same evaluation configs) instead of being trained and evaluated here."""
   chosen = list(ENTRIES)
   if defences:
     by_source = {e.survey or e.model or f'hgd_{e.hgd}': e for e in ENTRIES}
@@ -292,6 +328,8 @@ def run_board(workdir: str, budget: str = 'cpu', data_dirs: dict[str, str] | Non
       raise ValueError(f'--defences: unknown {unknown}; known: {sorted(by_source)}')
     chosen = [e for e in ENTRIES if e.name in defences or (e.survey or e.model or
                                                            f'hgd_{e.hgd}') in defences]
+  elif from_transforms:
+    chosen = [e for e in SURVEY_ENTRIES if e.no_autoattack]
   t0 = time.time()
   name = f'survey_board{"" if budget == "cpu" else "_" + budget}'
   path = os.path.join(results_dir, f'{name}.json')
@@ -306,9 +344,14 @@ def run_board(workdir: str, budget: str = 'cpu', data_dirs: dict[str, str] | Non
     ds_rows['eps'] = list(BOARD_EPS[dataset])
     for e in chosen:
       print(f'=== board {dataset}: {e.name}', flush=True)
-      _train(e, dataset, budget, workdir, data_dir, seed)
-      modes = []
-      for mode in entry_modes(e):
+      if from_transforms:
+        modes, models = transforms_modes(e, dataset, budget, seed, results_dir)
+        chosen_modes = []
+      else:
+        _train(e, dataset, budget, workdir, data_dir, seed)
+        modes, chosen_modes = [], entry_modes(e)
+        models = None
+      for mode in chosen_modes:
         config, run_dir = eval_config(e, mode, dataset, budget, workdir, data_dir, seed)
         tag = (e.survey or e.model or f'hgd_{e.hgd}')
         out_dir = os.path.join(os.path.abspath(workdir), f'{dataset}-{budget}', 'evals',
@@ -319,8 +362,8 @@ def run_board(workdir: str, budget: str = 'cpu', data_dirs: dict[str, str] | Non
         modes.append(survey_report.mode_summary(mode, report, eval_dir))
       order = [x.name for x in ENTRIES]
       ds_rows['rows'] = sorted([r for r in ds_rows['rows'] if r['defence'] != e.name]
-                               + [_row(e, modes, dataset, model_fingerprints(
-                                   e, dataset, budget, workdir))],
+                               + [_row(e, modes, dataset, models if from_transforms else
+                                       model_fingerprints(e, dataset, budget, workdir))],
                                key=lambda r: order.index(r['defence']))
       result['elapsed_s'] = time.time() - t0
       result['datasets'] = {**survey.saved_datasets(path), dataset: ds_rows}

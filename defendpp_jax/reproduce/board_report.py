@@ -67,8 +67,10 @@ def detail_lines(result: dict[str, Any], dataset: str) -> list[str]:
     lines.append(f'- **{r["defence"]}** (`{r["source"]}`; {weights_text(r.get("models"))})')
     for m in r['modes']:
       draws = f', {m["draws"]} draws' if m['draws'] > 1 else ''
+      saved = (f'; taken from `{m["measured_in"]}` (--from_transforms)'
+               if m.get('measured_in') else '')
       lines.append(f'  - {m["mode"]} ({m["description"]}; {m["num_examples"]} images{draws}; '
-                   f'`{m["eval_dir"]}`):')
+                   f'`{m["eval_dir"]}`{saved}):')
       for e, pe in m['per_eps'].items():
         cells = [attack_cell(k, a) for k, a in pe['attacks'].items()]
         lines.append(f'    - eps {e}: ' + '; '.join(cells))

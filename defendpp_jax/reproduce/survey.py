@@ -310,15 +310,20 @@ def run_survey(table: str, workdir: str, budget: str = 'cpu',
                data_dirs: dict[str, str] | None = None, results_dir: str = 'results',
                docs_path: str | None = None, seed: int = 0,
                datasets: tuple[str, ...] = DATASETS,
-               defences: tuple[str, ...] | None = None) -> dict[str, Any]:
+               defences: tuple[str, ...] | None = None,
+               from_transforms: bool = False) -> dict[str, Any]:
   """Trains (or reuses) the classifiers, evaluates every defence in every mode, writes
-  results/survey_<table>[_<budget>].json / .md and the board into `docs_path` (if given)."""
+  results/survey_<table>[_<budget>].json / .md and the board into `docs_path` (if given).
+  `from_transforms`: board only (board.run_board)."""
   if table not in TABLES:
     raise ValueError(f'--table={table!r} is not one of the survey tables {TABLES}')
   if table == 'board':
     from defendpp_jax.reproduce import board  # pylint: disable=g-import-not-at-top
     return board.run_board(workdir, budget, data_dirs, results_dir, docs_path, seed, datasets,
-                           defences)
+                           defences, from_transforms)
+  if from_transforms:
+    raise ValueError('--from_transforms takes board rows from the transforms table: it needs '
+                     '--table=board')
   unknown = sorted(set(defences or ()) - set(BY_NAME))
   if unknown:
     raise ValueError(f'--defences: unknown {unknown}; known: {tuple(BY_NAME)}')
