@@ -26,7 +26,6 @@ evaluations have not run is absent, and the board says which rows are missing.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from typing import Any, Callable
@@ -289,12 +288,10 @@ def transforms_modes(e: Entry, dataset: str, budget: str, seed: int,
                      "transforms table's modes, so it is evaluated here; only rows without "
                      'autoattack are taken from the transforms table ('
                      + ', '.join(x.survey for x in SURVEY_ENTRIES if x.no_autoattack) + ')')
-  path = os.path.join(results_dir,
-                      f'survey_transforms{"" if budget == "cpu" else "_" + budget}.json')
+  path = os.path.join(results_dir, f'{survey.results_name("transforms", budget)}.json')
   if not os.path.isfile(path):
     raise FileNotFoundError(f'--from_transforms: no {path} (run --table=transforms first)')
-  with open(path) as f:
-    saved = json.load(f)
+  saved = survey.saved_results(path)
   if saved.get('seed') != seed:
     raise ValueError(f'--from_transforms: {path} was measured with seed {saved.get("seed")}, '
                      f'the board with --seed={seed}')
@@ -308,6 +305,21 @@ def transforms_modes(e: Entry, dataset: str, budget: str, seed: int,
     raise ValueError(f'--from_transforms: {path} has the modes {names} of {e.survey} on '
                      f'{dataset}, the board evaluates {want}')
   return [dict(m, measured_in=os.path.basename(path)) for m in row['modes']], row.get('models')
+
+
+def _evaluate_modes(e: Entry, dataset: str, budget: str, workdir: str, data_dir: str,
+                    seed: int) -> list[dict[str, Any]]:
+  """Evaluates (or reuses) row `e` in each of its modes: their summaries."""
+  modes = []
+  for mode in entry_modes(e):
+    config, run_dir = eval_config(e, mode, dataset, budget, workdir, data_dir, seed)
+    tag = e.survey or e.model or f'hgd_{e.hgd}'
+    name = f'survey_{tag}_{mode.name}' if e.survey else f'board_{tag}_{mode.name}'
+    out_dir = os.path.join(os.path.abspath(workdir), f'{dataset}-{budget}', 'evals', name)
+    print(f'=== board {dataset}: {e.name}, {mode.name} -> {out_dir}', flush=True)
+    report, eval_dir = runner._evaluate(config, run_dir or out_dir, out_dir)  # pylint: disable=protected-access
+    modes.append(survey_report.mode_summary(mode, report, eval_dir))
+  return modes
 
 
 def run_board(workdir: str, budget: str = 'cpu', data_dirs: dict[str, str] | None = None,
@@ -331,7 +343,7 @@ def run_board(workdir: str, budget: str = 'cpu', data_dirs: dict[str, str] | Non
   elif from_transforms:
     chosen = [e for e in SURVEY_ENTRIES if e.no_autoattack]
   t0 = time.time()
-  name = f'survey_board{"" if budget == "cpu" else "_" + budget}'
+  name = survey.results_name('board', budget)
   path = os.path.join(results_dir, f'{name}.json')
   result = {'table': 'board', 'budget': budget, 'seed': seed,
             'eps': {ds: list(BOARD_EPS[ds]) for ds in datasets},
@@ -346,24 +358,13 @@ def run_board(workdir: str, budget: str = 'cpu', data_dirs: dict[str, str] | Non
       print(f'=== board {dataset}: {e.name}', flush=True)
       if from_transforms:
         modes, models = transforms_modes(e, dataset, budget, seed, results_dir)
-        chosen_modes = []
       else:
         _train(e, dataset, budget, workdir, data_dir, seed)
-        modes, chosen_modes = [], entry_modes(e)
-        models = None
-      for mode in chosen_modes:
-        config, run_dir = eval_config(e, mode, dataset, budget, workdir, data_dir, seed)
-        tag = (e.survey or e.model or f'hgd_{e.hgd}')
-        out_dir = os.path.join(os.path.abspath(workdir), f'{dataset}-{budget}', 'evals',
-                               f'survey_{tag}_{mode.name}' if e.survey
-                               else f'board_{tag}_{mode.name}')
-        print(f'=== board {dataset}: {e.name}, {mode.name} -> {out_dir}', flush=True)
-        report, eval_dir = runner._evaluate(config, run_dir or out_dir, out_dir)  # pylint: disable=protected-access
-        modes.append(survey_report.mode_summary(mode, report, eval_dir))
+        modes = _evaluate_modes(e, dataset, budget, workdir, data_dir, seed)
+        models = model_fingerprints(e, dataset, budget, workdir)
       order = [x.name for x in ENTRIES]
       ds_rows['rows'] = sorted([r for r in ds_rows['rows'] if r['defence'] != e.name]
-                               + [_row(e, modes, dataset, models if from_transforms else
-                                       model_fingerprints(e, dataset, budget, workdir))],
+                               + [_row(e, modes, dataset, models)],
                                key=lambda r: order.index(r['defence']))
       result['elapsed_s'] = time.time() - t0
       result['datasets'] = {**survey.saved_datasets(path), dataset: ds_rows}

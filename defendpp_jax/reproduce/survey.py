@@ -331,7 +331,7 @@ def run_survey(table: str, workdir: str, budget: str = 'cpu',
   t0 = time.time()
   result = {'table': table, 'budget': budget, 'seed': seed, 'datasets': {},
             'eval': SURVEY_EVAL, 'randomised_draws': RANDOMISED_DRAWS}
-  name = f'survey_{table}{"" if budget == "cpu" else "_" + budget}'
+  name = results_name(table, budget)
   path = os.path.join(results_dir, f'{name}.json')
   result['datasets'] = saved_datasets(path)  # keep the rows of defences / datasets not run
   for dataset in datasets:
@@ -371,12 +371,22 @@ def run_survey(table: str, workdir: str, budget: str = 'cpu',
   return result
 
 
-def saved_datasets(path: str) -> dict[str, Any]:
-  """The `datasets` of a saved survey / board results file ({} if none)."""
+def results_name(table: str, budget: str) -> str:
+  """The stem of a survey table's results files: survey_<table>, then _<budget> unless cpu."""
+  return f'survey_{table}{"" if budget == "cpu" else "_" + budget}'
+
+
+def saved_results(path: str) -> dict[str, Any]:
+  """A saved survey / board results file ({} if none)."""
   if not os.path.isfile(path):
     return {}
   with open(path) as f:
-    return json.load(f).get('datasets', {})
+    return json.load(f)
+
+
+def saved_datasets(path: str) -> dict[str, Any]:
+  """The `datasets` of a saved survey / board results file ({} if none)."""
+  return saved_results(path).get('datasets', {})
 
 
 def _write(result, name, results_dir, docs_path) -> None:
