@@ -123,6 +123,12 @@ def test_a_run_is_loaded_only_as_the_classifier_it_trained(runs, tmp_path):
     other[section][field] = value
     with pytest.raises(ValueError, match=rf'config\.{path}=.*pass --config\.{path}='):
       registry.build(other, workdir, ds)
+  # A config naming a decoder the run never trained would fail only after every attack, in the
+  # reconstruction analysis: refused up front.
+  other = config.copy_and_resolve_references()
+  other.model.decoder = 'pyramid'
+  with pytest.raises(ValueError, match=r"config\.model\.decoder='none'.*auto-encoders differ"):
+    registry.build(other, workdir, ds)
   # A run saved before `model.padding` existed was trained with 'SAME' padding.
   old = str(tmp_path / 'old')
   shutil.copytree(workdir, old)

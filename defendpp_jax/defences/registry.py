@@ -182,6 +182,9 @@ def _trained(config, workdir, trained):
   """`trained`, or the latest checkpoint of `workdir` (checked to be this config's model)."""
   if trained is None:
     saved.check_same_classifier(config, workdir, '--workdir')
+    if config.model.decoder != 'none':  # its reconstructions are analysed: the run's decoder
+      saved.check_same_classifier(config, workdir, '--workdir', saved.DECODER_FIELDS,
+                                  'the auto-encoders differ')
     _check_same_model(config, workdir)
     trained, _ = saved.restore_variables(workdir)
   return trained

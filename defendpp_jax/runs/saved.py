@@ -68,8 +68,16 @@ def restore_variables(workdir: str, mesh=None) -> tuple[dict[str, Any], int]:
 CLASSIFIER_FIELDS = ('data.name', 'model.arch', 'model.width', 'model.stem', 'model.padding')
 
 
-def check_same_classifier(config: ml_collections.ConfigDict, run_dir: str, what: str) -> None:
-  """Raises, naming the field, unless `config` builds the classifier that `run_dir` trained.
+# The fields that define a Defend++ run's auto-encoder (its reconstructions are analysed when
+# the evaluated config names a decoder).
+DECODER_FIELDS = ('model.decoder', 'model.num_levels', 'model.shared_blocks')
+
+
+def check_same_classifier(config: ml_collections.ConfigDict, run_dir: str, what: str,
+                          fields: tuple[str, ...] = CLASSIFIER_FIELDS,
+                          differ: str = 'the classifiers differ') -> None:
+  """Raises, naming the field, unless `config` builds the classifier that `run_dir` trained
+  (with `fields=DECODER_FIELDS`: the auto-encoder).
 
   Parameter shapes alone cannot tell e.g. two paddings apart: restoring weights into the other
   would evaluate a different function without any error. Runs without a train_summary.json
@@ -78,10 +86,10 @@ def check_same_classifier(config: ml_collections.ConfigDict, run_dir: str, what:
   if not os.path.isfile(os.path.join(run_dir, SUMMARY)):
     return
   saved = config_of_run(run_dir)
-  for path in CLASSIFIER_FIELDS:
+  for path in fields:
     section, field = path.split('.')
     mine, theirs = config[section][field], saved[section][field]
     if mine != theirs:
       raise ValueError(f'{what}={run_dir!r} was trained with config.{path}={theirs!r}, the '
-                       f'config given has {mine!r}: the classifiers differ (pass '
+                       f'config given has {mine!r}: {differ} (pass '
                        f'--config.{path}={theirs})')
