@@ -37,14 +37,20 @@ survey_board.json / .md and the board's section of docs/DEFENCES.md.
 target ResNet-18, its training ensemble (VGG16, ResNet-50), the held-out ResNet-34 and the
 denoisers, each trained once in WORKDIR/<dataset>-<budget>/ and shared by every table. Writes
 RESULTS_DIR/hgd_table<N>.json / .md and, at the cpu budget, the table's section of docs/HGD.md.
+
+--resume_dir=DIR: every evaluation keeps its attacks' finished draws in DIR (kept; see
+config.eval.resume_dir), so that an evaluation longer than a machine's life resumes on the
+next one, provided it retrains bit-identical weights (the same command on the same CPU kind).
 """
 
+import os
 import sys
 
 from absl import app
 from absl import flags
 from absl import logging
 
+from defendpp_jax import evaluation
 from defendpp_jax import reproduce
 from defendpp_jax.reproduce import hgd_cvpr2018
 from defendpp_jax.reproduce import hgd_runner
@@ -74,6 +80,12 @@ _FROM_TRANSFORMS = flags.DEFINE_bool(
     'survey_transforms.json (the same evaluation configs) instead of evaluating them again.')
 _DOCS = flags.DEFINE_string('docs', '', 'Survey / HGD: the document written ("" = '
                             'docs/DEFENCES.md / docs/HGD.md at the cpu budget, none otherwise).')
+_RESUME_DIR = flags.DEFINE_string(
+    'resume_dir', '', 'Where every evaluation keeps its attacks\' finished draws and finds them '
+    'again (config.eval.resume_dir, here through $DEFENDPP_RESUME_DIR): a store kept after the '
+    'reports are written, whose files name the weights, config, attack, images and key they '
+    'hold, so that a long evaluation stopped on one machine resumes on another that retrains '
+    'the same weights ("" = each evaluation\'s own partial/, removed with its report).')
 flags.mark_flags_as_required(['table', 'workdir'])
 
 
@@ -81,6 +93,8 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
   data_dirs = {'mnist': _MNIST.value, 'cifar10': _CIFAR.value}
+  if _RESUME_DIR.value:
+    os.environ[evaluation.RESUME_ENV] = os.path.abspath(_RESUME_DIR.value)
   try:
     if _PAPER.value == 'hgd':
       hgd_runner.run_hgd_table(

@@ -344,7 +344,8 @@ def test_a_stopped_evaluation_resumes_at_the_draw_it_was_in(tmp_path, monkeypatc
       resume=resume)
   full = run(kept)
   n_calls = len(calls)
-  assert len(os.listdir(kept.directory)) == 3 * 3  # three attacks x three draws
+  # three attacks x three draws, and the two sanity-check attacks' three draws
+  assert len(os.listdir(kept.directory)) == 3 * 3 + 2 * 3
   calls.clear()
   assert run(kept)['rows'] == full['rows'] and calls == []  # all loaded: nothing attacked
   # stopped after the first attack's draws (the files a run of it alone keeps): the rest is
@@ -352,7 +353,7 @@ def test_a_stopped_evaluation_resumes_at_the_draw_it_was_in(tmp_path, monkeypatc
   first = runner.Resume(str(tmp_path / 'first'), kept.digest)
   run(first, entries[:1])
   first_files = set(os.listdir(first.directory))
-  assert len(first_files) == 3 and first_files < set(os.listdir(kept.directory))
+  assert len(first_files) == 3 + 2 * 3 and first_files < set(os.listdir(kept.directory))
   for f in set(os.listdir(kept.directory)) - first_files:
     os.remove(os.path.join(kept.directory, f))
   calls.clear()
@@ -366,3 +367,46 @@ def test_a_stopped_evaluation_resumes_at_the_draw_it_was_in(tmp_path, monkeypatc
   assert len(calls) == n_calls
   kept.clear()
   assert not os.path.exists(kept.directory)
+
+
+def test_a_shared_draw_store_is_kept_and_found_by_another_evaluation(runs, tmp_path, monkeypatch):
+  """config.eval.resume_dir / $DEFENDPP_RESUME_DIR: the draws outlive the report and serve an
+  evaluation of the same weights and config written elsewhere; another config attacks anew."""
+  from defendpp_jax.reproduce import runner as reproduce_runner
+  base, workdir = runs['plain']
+  config = base.copy_and_resolve_references()
+  config.eval.attacks = ('fgsm', 'pgd(steps=3)')
+  config.eval.figures = False
+  store = tmp_path / 'store'
+  config.eval.resume_dir = str(store)
+  first = evaluation.evaluate(config, workdir, progress=False, out_dir=str(tmp_path / 'a'))
+  kept = set(os.listdir(store))
+  assert len(kept) == 4  # two attacks and the two sanity-check attacks, one draw each
+  assert not os.path.exists(tmp_path / 'a' / evaluation.RESUME_DIR)
+  calls = []
+  make = runner.make_attack_fn
+
+  def counting(spec, *args):
+    fn = make(spec, *args)
+    def run(*a):
+      calls.append(spec.key)
+      return fn(*a)
+    return run
+  monkeypatch.setattr(runner, 'make_attack_fn', counting)
+  runner._CRAFTED.clear()  # pylint: disable=protected-access
+  # the same evaluation, the store named by the environment instead of the config
+  again = config.copy_and_resolve_references()
+  again.eval.resume_dir = ''
+  monkeypatch.setenv(evaluation.RESUME_ENV, str(store))
+  second = evaluation.evaluate(again, workdir, progress=False, out_dir=str(tmp_path / 'b'))
+  assert calls == []  # every draw loaded, the checks' too
+  assert second['rows'] == first['rows']
+  assert second['sanity_checks'] == first['sanity_checks']
+  with open(tmp_path / 'a' / 'robustness.json') as f:
+    assert reproduce_runner._same_config(json.load(f)['config'], again)  # pylint: disable=protected-access
+  other = again.copy_and_resolve_references()
+  other.eval.seed = config.eval.seed + 1  # another key: nothing of the store applies
+  runner._CRAFTED.clear()  # pylint: disable=protected-access
+  evaluation.evaluate(other, workdir, progress=False, out_dir=str(tmp_path / 'c'))
+  assert sorted(set(calls)) == ['fgsm', 'pgd', 'pgd_eps0', 'pgd_eps1']
+  assert kept < set(os.listdir(store))

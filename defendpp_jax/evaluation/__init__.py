@@ -9,6 +9,7 @@ never imports the trainer.
 """
 
 from defendpp_jax.evaluation.evaluate import RESUME_DIR
+from defendpp_jax.evaluation.evaluate import RESUME_ENV
 from defendpp_jax.evaluation.evaluate import evaluate
 from defendpp_jax.evaluation.evaluate import evaluate_defence
 from defendpp_jax.evaluation.evaluate import eps_sweep

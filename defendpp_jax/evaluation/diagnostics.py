@@ -37,15 +37,16 @@ def sanity_checks(target: Defence, images, labels, clean_acc: float,
                   results: dict[str, runner.AttackResult], batch_size: int, key: jax.Array,
                   transfer: dict[str, runner.AttackResult] | None = None, view: str = 'auto',
                   eot_samples: int = 10, eot_chunk: int = 10, draws: int = 1,
-                  alive: list[np.ndarray] | None = None, num: int = 0
-                  ) -> list[dict[str, Any]]:
+                  alive: list[np.ndarray] | None = None, num: int = 0,
+                  resume: runner.Resume | None = None) -> list[dict[str, Any]]:
   """Signatures of a broken attack or of gradient masking (white-box on `target`'s `view`).
 
   `alive` (the clean pass of a worst-case evaluation, a mask per draw): the eps=1 attack runs
   on the examples it marks only, the others counting as broken. `num` > 0
   (config.eval.check_examples): the two check attacks (PGD at eps 0 and at eps 1) run on the
   first `num` examples only, against the clean accuracy of those (for defences whose every
-  attack step costs seconds an image, e.g. Defense-GAN's projection)."""
+  attack step costs seconds an image, e.g. Defense-GAN's projection). `resume`: the two
+  attacks' finished draws are kept and reused there, as the evaluation's own."""
   view = 'auto' if view == 'oblivious' else view
   if 0 < num < len(labels):
     images, labels = images[:num], labels[:num]
@@ -56,7 +57,7 @@ def sanity_checks(target: Defence, images, labels, clean_acc: float,
                     for r in range(d)) / (d * len(labels))
   run = lambda spec, alive=None: runner.run_attack(
       spec, target, images, labels, batch_size, key, view=view, eot_samples=eot_samples,
-      eot_chunk=eot_chunk, draws=draws, progress=False, alive=alive).accuracy
+      eot_chunk=eot_chunk, draws=draws, progress=False, alive=alive, resume=resume).accuracy
   checks = []
   acc0 = run(specs_lib.make_spec('pgd', eps=0.0, steps=5, label='pgd_eps0'))
   name = 'PGD at eps=0 equals clean accuracy'

@@ -38,8 +38,26 @@ from defendpp_jax.runs import config as config_lib
 from defendpp_jax.runs import saved
 
 # Under an evaluation's output directory: the finished draws of its attacks until its report
-# is written (runner.Resume).
+# is written (runner.Resume), unless config.eval.resume_dir / RESUME_ENV names a store.
 RESUME_DIR = 'partial'
+RESUME_ENV = 'DEFENDPP_RESUME_DIR'
+
+
+def config_digest(config: ml_collections.ConfigDict) -> str:
+  """SHA-256 of what an evaluation's results depend on in its config: all of it but
+  eval.resume_dir (where its draws are kept)."""
+  d = config.to_dict()
+  d['eval'] = {k: v for k, v in d['eval'].items() if k != 'resume_dir'}
+  return hashlib.sha256(json.dumps(d, sort_keys=True, default=files.json_default).encode()
+                        ).hexdigest()
+
+
+def resume_store(config: ml_collections.ConfigDict, out_dir: str) -> tuple[runner.Resume, bool]:
+  """(the Resume of an evaluation writing to `out_dir`, whether it is a shared store that is
+  kept): config.eval.resume_dir, else $DEFENDPP_RESUME_DIR, else `out_dir`/partial."""
+  shared = config.eval.get('resume_dir', '') or os.environ.get(RESUME_ENV, '')
+  directory = os.path.abspath(shared) if shared else os.path.join(out_dir, RESUME_DIR)
+  return runner.Resume(directory, config_digest(config)), bool(shared)
 
 
 def _clean(defence: Defence, images, labels, batch_size, key, draws) -> tuple[int, int, float]:
@@ -88,7 +106,7 @@ def run_entries(defence: Defence, images: np.ndarray, labels: np.ndarray,
                                      key, transfer, view=view, eot_samples=eot_samples,
                                      eot_chunk=eot_chunk, draws=draws,
                                      alive=clean if source is None else None,
-                                     num=check_examples)
+                                     num=check_examples, resume=resume)
   if source is None:  # the gradients attacked are the defence's own
     checks += diagnostics.gradient_checks(defence, images, labels, results, key, view,
                                           eot_samples, eot_chunk)
@@ -231,10 +249,9 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, progress: bool = T
                 source.name if ec.threat_model == 'transfer' and source else 'target')
   out_dir = out_dir or workdir
   # A stopped evaluation re-run with the same config resumes at the draw it was in.
-  resume = None
+  resume, shared_store = None, False
   if jax.process_count() == 1:
-    resume = runner.Resume(os.path.join(out_dir, RESUME_DIR), hashlib.sha256(json.dumps(
-        config.to_dict(), sort_keys=True, default=files.json_default).encode()).hexdigest())
+    resume, shared_store = resume_store(config, out_dir)
   report = run_entries(
       target, images, labels, specs_lib.attack_specs(ec, config.data.name),
       batch_size=ec.batch_size, key=jax.random.key(ec.seed), view=view,
@@ -261,7 +278,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, progress: bool = T
           target, images, labels, protocol.linf_eps(config.data.name, ec.eps), ec.batch_size)
   if jax.process_index() == 0:
     reporting.write_report(report, out_dir)
-  if resume is not None:
+  if resume is not None and not shared_store:
     resume.clear()
   print(reporting.markdown_table(report), flush=True)
   return report

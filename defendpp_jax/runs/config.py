@@ -112,6 +112,15 @@ def get_base_config() -> ml_collections.ConfigDict:
   # The sanity checks' two attacks (PGD at eps 0 and eps 1) on the first N evaluated images
   # only (0 = all of them): for defences whose attack steps cost seconds an image.
   config.eval.check_examples = 0
+  # Where each attack's finished draws are kept, so that a stopped evaluation re-run resumes at
+  # the draw it was in: '' = $DEFENDPP_RESUME_DIR if set, else the evaluation's own `partial/`
+  # (removed once its report is written). A directory named here (or by the variable) is a
+  # store shared by evaluations and kept: its files are named by everything a draw depends on
+  # (the weights, this config, the attack, its view, the images, the key), so a draw is reused
+  # only where it would come out the same, on another machine too (a store kept with the
+  # results carries a long evaluation across machines that retrain the same weights). Not part
+  # of what the evaluation computes: ignored when saved evaluations are compared.
+  config.eval.resume_dir = ''
   config.eval.classes = ()            # only test images of these classes (() = all)
   config.eval.eps = 0.0               # L-inf eps; 0 = per dataset (0.2 MNIST, 0.05 CIFAR-10)
   config.eval.step_size_factor = 2.5  # BIM / PGD step = factor * eps / steps (Madry et al.)
