@@ -119,7 +119,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   # (the weights, this config, the attack, its view, the images, the key), so a draw is reused
   # only where it would come out the same, on another machine too (a store kept with the
   # results carries a long evaluation across machines that retrain the same weights). Not part
-  # of what the evaluation computes: ignored when saved evaluations are compared.
+  # of what the evaluation computes: ignored when saved evaluations are compared. Like a saved
+  # report, a kept draw is not keyed by the code: after a change to what an attack or a defence
+  # computes, start a new store.
   config.eval.resume_dir = ''
   config.eval.classes = ()            # only test images of these classes (() = all)
   config.eval.eps = 0.0               # L-inf eps; 0 = per dataset (0.2 MNIST, 0.05 CIFAR-10)
