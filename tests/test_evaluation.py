@@ -318,7 +318,24 @@ def test_survivor_batches_are_powers_of_two_within_the_full_batch():
   assert got == [max(d, b) if b <= 64 else 64 for b in (1, 2, 4, 8, 64, 64, 128)]
 
 
-def test_a_stopped_evaluation_resumes_at_the_draw_it_was_in(tmp_path, monkeypatch):
+@pytest.fixture
+def attacks_run(monkeypatch):
+  """The key of every attack run from here on (one per call of the function
+  runner.make_attack_fn gives), the sanity checks' included."""
+  calls = []
+  make = runner.make_attack_fn
+
+  def counting(spec, *args):
+    fn = make(spec, *args)
+    def run(*a):
+      calls.append(spec.key)
+      return fn(*a)
+    return run
+  monkeypatch.setattr(runner, 'make_attack_fn', counting)
+  return calls
+
+
+def test_a_stopped_evaluation_resumes_at_the_draw_it_was_in(tmp_path, attacks_run):
   """Every finished draw of every attack is kept; a re-run loads them instead of attacking
   (the attack never runs when all are kept), attacks only the missing ones, and gives the same
   report; another evaluation's digest reuses nothing."""
@@ -326,17 +343,7 @@ def test_a_stopped_evaluation_resumes_at_the_draw_it_was_in(tmp_path, monkeypatc
   images, labels, _ = _linear_set(n=40, seed=1)
   entries = [specs.make_spec('fgsm', eps=0.05), specs.make_spec('pgd', eps=0.05, steps=3),
              specs.make_spec('ddn', steps=5)]
-  calls = []  # the entries' attacks run (the sanity checks attack too: not counted)
-  make = runner.make_attack_fn
-
-  def counting(spec, *args):
-    fn = make(spec, *args)
-    def run(*a):
-      if spec in entries:
-        calls.append(spec.key)
-      return fn(*a)
-    return run
-  monkeypatch.setattr(runner, 'make_attack_fn', counting)
+  calls = attacks_run  # the entries' attacks and the sanity checks' two
   kept = runner.Resume(str(tmp_path / 'partial'), 'config-a')
   run = lambda resume, attacks=entries: evaluation.run_entries(
       coin_defence(0.5), images, labels, attacks, batch_size=16, key=jax.random.key(0),
@@ -369,7 +376,8 @@ def test_a_stopped_evaluation_resumes_at_the_draw_it_was_in(tmp_path, monkeypatc
   assert not os.path.exists(kept.directory)
 
 
-def test_a_shared_draw_store_is_kept_and_found_by_another_evaluation(runs, tmp_path, monkeypatch):
+def test_a_shared_draw_store_is_kept_and_found_by_another_evaluation(runs, tmp_path, monkeypatch,
+                                                                     attacks_run):
   """config.eval.resume_dir / $DEFENDPP_RESUME_DIR: the draws outlive the report and serve an
   evaluation of the same weights and config written elsewhere; another config attacks anew."""
   from defendpp_jax.reproduce import runner as reproduce_runner
@@ -383,16 +391,8 @@ def test_a_shared_draw_store_is_kept_and_found_by_another_evaluation(runs, tmp_p
   kept = set(os.listdir(store))
   assert len(kept) == 4  # two attacks and the two sanity-check attacks, one draw each
   assert not os.path.exists(tmp_path / 'a' / evaluation.RESUME_DIR)
-  calls = []
-  make = runner.make_attack_fn
-
-  def counting(spec, *args):
-    fn = make(spec, *args)
-    def run(*a):
-      calls.append(spec.key)
-      return fn(*a)
-    return run
-  monkeypatch.setattr(runner, 'make_attack_fn', counting)
+  calls = attacks_run
+  calls.clear()
   runner._CRAFTED.clear()  # pylint: disable=protected-access
   # the same evaluation, the store named by the environment instead of the config
   again = config.copy_and_resolve_references()

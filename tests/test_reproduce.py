@@ -72,6 +72,12 @@ def test_saved_configs_without_later_fields_still_match():
   config.train.init_from = ''
   saved['train']['num_epochs'] = 2
   assert not reproduce_runner._same_config(saved, config)
+  # where the draws are kept is not what a run computes: ignored, and not removed from `saved`
+  saved = config_lib.as_saved_json(config)
+  saved['eval']['resume_dir'] = '/a/store'
+  assert reproduce_runner._same_config(saved, config) and saved['eval']['resume_dir']
+  saved['eval']['seed'] += 1
+  assert not reproduce_runner._same_config(saved, config)
   # Runs from before `model.padding` used 'SAME': the cpu budget (which pins it) reuses them,
   # a budget with PyTorch's padding does not.
   config = reproduce.model_config('mnist', 'ours', 'cpu', '/tmp/r', '')

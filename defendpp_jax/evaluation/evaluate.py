@@ -44,10 +44,9 @@ RESUME_ENV = 'DEFENDPP_RESUME_DIR'
 
 
 def config_digest(config: ml_collections.ConfigDict) -> str:
-  """SHA-256 of what an evaluation's results depend on in its config: all of it but
-  eval.resume_dir (where its draws are kept)."""
-  d = config.to_dict()
-  d['eval'] = {k: v for k, v in d['eval'].items() if k != 'resume_dir'}
+  """SHA-256 of what an evaluation's results depend on in its config: all of it but where its
+  draws are kept (config_lib.PLACE_FIELDS)."""
+  d = config_lib.computed_fields(config.to_dict())
   return hashlib.sha256(json.dumps(d, sort_keys=True, default=files.json_default).encode()
                         ).hexdigest()
 

@@ -81,12 +81,10 @@ class Preempted(RuntimeError):
 
 def _same_config(saved: dict[str, Any], config: ml_collections.ConfigDict) -> bool:
   """Whether a saved run's / evaluation's config is `config` (migrated: fields it lacks filled
-  in as its run behaved, moved fields read from their old place; eval.resume_dir, where the
-  draws were kept, aside)."""
-  computed = lambda c: {**c, 'eval': {k: v for k, v in c.get('eval', {}).items()
-                                      if k != 'resume_dir'}}
-  return (computed(config_lib.migrate_config(saved))
-          == computed(config_lib.as_saved_json(config)))
+  in as its run behaved, moved fields read from their old place; where the draws were kept,
+  config_lib.PLACE_FIELDS, aside)."""
+  return (config_lib.computed_fields(config_lib.migrate_config(saved))
+          == config_lib.computed_fields(config_lib.as_saved_json(config)))
 
 
 def _has_every_row(report: dict[str, Any], config: ml_collections.ConfigDict) -> bool:

@@ -258,6 +258,28 @@ def as_saved_json(config: ml_collections.ConfigDict) -> dict[str, Any]:
   return json.loads(json.dumps(config.to_dict(), default=list))
 
 
+# Fields that say where results are kept, not what they are: left out when runs or evaluations
+# are compared and from the digest that names an evaluation's kept draws.
+PLACE_FIELDS = ('eval.resume_dir',)
+
+
+def computed_fields(config: dict[str, Any]) -> dict[str, Any]:
+  """A config (as a dict) without its PLACE_FIELDS: what a run or an evaluation computes from."""
+  out = _copy_dicts(config)
+  for path in PLACE_FIELDS:
+    *parents, leaf = path.split('.')
+    tree = out
+    for part in parents:
+      tree = tree.get(part) if isinstance(tree, dict) else None
+    if isinstance(tree, dict):
+      tree.pop(leaf, None)
+  return out
+
+
+def _copy_dicts(tree):
+  return {k: _copy_dicts(v) for k, v in tree.items()} if isinstance(tree, dict) else tree
+
+
 def _get(tree: dict, path: str, default=None):
   for part in path.split('.'):
     if not isinstance(tree, dict) or part not in tree:
