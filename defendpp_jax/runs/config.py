@@ -13,6 +13,7 @@ and on the command line (`migrate_argv`).
 
 from __future__ import annotations
 
+import copy
 import json
 import sys
 from typing import Any
@@ -265,19 +266,13 @@ PLACE_FIELDS = ('eval.resume_dir',)
 
 def computed_fields(config: dict[str, Any]) -> dict[str, Any]:
   """A config (as a dict) without its PLACE_FIELDS: what a run or an evaluation computes from."""
-  out = _copy_dicts(config)
+  out = copy.deepcopy(config)
   for path in PLACE_FIELDS:
-    *parents, leaf = path.split('.')
-    tree = out
-    for part in parents:
-      tree = tree.get(part) if isinstance(tree, dict) else None
+    parent, _, leaf = path.rpartition('.')
+    tree = _get(out, parent)
     if isinstance(tree, dict):
       tree.pop(leaf, None)
   return out
-
-
-def _copy_dicts(tree):
-  return {k: _copy_dicts(v) for k, v in tree.items()} if isinstance(tree, dict) else tree
 
 
 def _get(tree: dict, path: str, default=None):
