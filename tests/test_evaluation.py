@@ -85,6 +85,10 @@ def test_transfer_and_failed_check_is_flagged(runs):
   report = evaluation.evaluate(config, workdir, progress=False)
   assert report['transfer']['source_model'] == 'resnet18-w4-pyramid'
   assert report['transfer']['rows'][0]['seen'] == 40
+  # The report names the weights of both runs it read, as their training summaries give them.
+  sha = {os.path.abspath(d): json.load(open(os.path.join(d, 'train_summary.json')))[
+      'params_sha256'] for d in (workdir, runs['defendpp'][1])}
+  assert report['weights_read'] == sha and len(set(sha.values())) == 2
   assert any('transfer' in c['name'] for c in report['sanity_checks'])
   md = open(os.path.join(workdir, 'robustness.md')).read()
   assert 'transfer from resnet18-w4-pyramid' in md

@@ -9,6 +9,7 @@ import pytest
 from defendpp_jax import reproduce
 from defendpp_jax.reproduce import runner as reproduce_runner
 from defendpp_jax.runs import config as config_lib
+from defendpp_jax.runs import saved as saved_lib
 
 from conftest import SHARED_DATA
 
@@ -88,6 +89,55 @@ def test_saved_configs_without_later_fields_still_match():
   saved = config_lib.as_saved_json(config)
   del saved['model']['padding']
   assert config.model.padding == 'torch' and not reproduce_runner._same_config(saved, config)
+
+
+def test_a_saved_evaluation_is_reused_only_for_the_weights_it_measured(tmp_path, monkeypatch):
+  # An evaluation is reused while its config and the weights of every run it read are those on
+  # disk; a model retrained in the same directory (or a retrained protected classifier) is
+  # evaluated again, as is a report from before reports named their weights.
+  evaluated = []
+
+  def fake_evaluate(config, workdir, progress=True, out_dir=None):
+    evaluated.append(workdir)
+    report = {'config': config.to_dict(), 'workdir': os.path.abspath(workdir),
+              'weights_read': saved_lib.weights_read(config.to_dict(), workdir),
+              'rows': [{'attack': 'fgsm'}]}
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, 'robustness.json'), 'w') as f:
+      json.dump(report, f)
+    return report
+
+  def finished(d, sha):
+    os.makedirs(d, exist_ok=True)
+    with open(os.path.join(d, saved_lib.SUMMARY), 'w') as f:
+      json.dump({'params_sha256': sha}, f)
+
+  monkeypatch.setattr(reproduce_runner.evaluation, 'evaluate', fake_evaluate)
+  run, cls = str(tmp_path / 'run'), str(tmp_path / 'classifier')
+  finished(run, 'a' * 64)
+  finished(cls, 'c' * 64)
+  config = reproduce.model_config('mnist', 'plain', 'cpu', str(tmp_path), '')
+  config.eval.attacks = ('fgsm',)
+  config.defense.classifier_workdir = cls
+  out = str(tmp_path / 'evals' / 'e')
+  for _ in range(2):
+    report, where = reproduce_runner._evaluate(config, run, out)
+  assert len(evaluated) == 1 and where == out
+  assert report['weights_read'] == {os.path.abspath(run): 'a' * 64,
+                                    os.path.abspath(cls): 'c' * 64}
+  finished(run, 'b' * 64)                  # retrained in place
+  reproduce_runner._evaluate(config, run, out)
+  reproduce_runner._evaluate(config, run, out)
+  assert len(evaluated) == 2
+  finished(cls, 'd' * 64)                  # the classifier it protects retrained
+  reproduce_runner._evaluate(config, run, out)
+  assert len(evaluated) == 3
+  path = os.path.join(out, 'robustness.json')
+  old = json.load(open(path))
+  del old['weights_read']
+  json.dump(old, open(path, 'w'))
+  reproduce_runner._evaluate(config, run, out)
+  assert len(evaluated) == 4
 
 
 def test_a_preempted_training_stops_the_table(tmp_path, monkeypatch):

@@ -261,6 +261,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, progress: bool = T
   transfer_rows = report.pop('transfer_rows')
   report = {
       'model': target.name, 'workdir': os.path.abspath(workdir), 'step': step,
+      'weights_read': saved.weights_read(config.to_dict(), workdir),
       'dataset': config.data.name, 'threat_model': ec.threat_model, 'crafted_on': crafted_on,
       # the kernels the convolutions ran on (config.model.conv resolved on this machine)
       **dnn.conv_kernels(config.model.get('conv', dnn.CONV_BEFORE_FIELD)), **report,

@@ -39,6 +39,7 @@ from defendpp_jax.reproduce.defendpp_mm2020 import TRANSFER_ATTACKS
 from defendpp_jax.reproduce.defendpp_mm2020 import TRANSFER_COLUMNS
 from defendpp_jax.reproduce.defendpp_mm2020 import table_spec
 from defendpp_jax.runs import config as config_lib
+from defendpp_jax.runs import saved
 
 
 def _override(config: ml_collections.ConfigDict, overrides: dict[str, Any]) -> None:
@@ -117,16 +118,19 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 def _evaluate(config: ml_collections.ConfigDict, workdir: str, out_dir: str
               ) -> tuple[dict[str, Any], str]:
   """(report, its directory): a saved evaluation of this model with this very config (in
-  `out_dir` or, made for another table's row, beside it), or a new one in `out_dir`."""
+  `out_dir` or, made for another table's row, beside it) and of the weights on disk now (a
+  model retrained since is evaluated again), or a new one in `out_dir`."""
   evals = os.path.dirname(out_dir)
   others = sorted(os.listdir(evals)) if os.path.isdir(evals) else []
+  weights = saved.weights_read(config.to_dict(), workdir)
   for d in [out_dir] + [os.path.join(evals, o) for o in others]:
     path = os.path.join(d, 'robustness.json')
     if os.path.isfile(path):
       with open(path) as f:
         report = json.load(f)
       if (_same_config(report['config'], config)
-          and report['workdir'] == os.path.abspath(workdir) and _has_every_row(report, config)):
+          and report['workdir'] == os.path.abspath(workdir)
+          and report.get('weights_read') == weights and _has_every_row(report, config)):
         return report, d
   return evaluation.evaluate(config, workdir, progress=True, out_dir=out_dir), out_dir
 

@@ -44,6 +44,25 @@ def fingerprints(run_dirs: dict[str, str]) -> dict[str, Any]:
   return out
 
 
+def weights_read(config: dict[str, Any], workdir: str) -> dict[str, str]:
+  """{run directory: params_sha256} of every finished run an evaluation of `workdir` with
+  `config` (a dict) reads: `workdir` and each run a config field names (the protected
+  classifier, a transfer source, a generator, ...). A report carries it, so that a report is
+  reused only while the weights it measured are still the ones on disk."""
+  dirs = [workdir]
+
+  def walk(d):
+    for v in d.values():
+      if isinstance(v, dict):
+        walk(v)
+      elif isinstance(v, str) and v and os.path.isfile(os.path.join(v, SUMMARY)):
+        dirs.append(v)
+
+  walk(config)
+  return {os.path.abspath(d): summary_of_run(d)['params_sha256'] for d in dirs
+          if os.path.isfile(os.path.join(d, SUMMARY))}
+
+
 def config_of_run(workdir: str) -> ml_collections.ConfigDict:
   """The config a run was trained with (from its train_summary.json, migrated)."""
   return ml_collections.ConfigDict(config_lib.migrate_config(summary_of_run(workdir)['config']))
