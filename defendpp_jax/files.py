@@ -1,13 +1,15 @@
-"""Atomic writes of JSON and text: a crash mid-write leaves the previous file intact.
+"""Atomic writes of JSON, text and bytes: a crash mid-write leaves the previous file intact.
 
 Usage:
   write_json('results/table2.json', result)
   write_text('results/table2.md', markdown)
   write_npz('runs/x/hgd_trainset.npz', adversarial=a, labels=y)
+  write_bytes('results/models/x/variables.msgpack', data)
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from typing import Any
@@ -26,14 +28,19 @@ def json_default(obj: Any) -> Any:
   return str(obj)
 
 
-def write_text(path: str, text: str) -> None:
-  """Writes `text` to `path` through a temporary file renamed into place."""
+def write_bytes(path: str, data: bytes) -> None:
+  """Writes `data` to `path` through a temporary file renamed into place."""
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
   tmp = f'{path}.tmp{os.getpid()}'
-  with open(tmp, 'w') as f:
-    f.write(text)
+  with open(tmp, 'wb') as f:
+    f.write(data)
   os.replace(tmp, path)
+
+
+def write_text(path: str, text: str) -> None:
+  """Writes `text` (UTF-8) to `path`, atomically."""
+  write_bytes(path, text.encode('utf-8'))
 
 
 def write_json(path: str, obj: Any, sort_keys: bool = False) -> None:
@@ -43,12 +50,9 @@ def write_json(path: str, obj: Any, sort_keys: bool = False) -> None:
 
 def write_npz(path: str, **arrays: np.ndarray) -> None:
   """Writes `arrays` as an uncompressed .npz at `path` (exactly; no suffix added), atomically."""
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  tmp = f'{path}.tmp{os.getpid()}'
-  with open(tmp, 'wb') as f:
-    np.savez(f, **arrays)
-  os.replace(tmp, path)
+  buf = io.BytesIO()
+  np.savez(buf, **arrays)
+  write_bytes(path, buf.getvalue())
 
 
 def write_generated(path: str, start: str, end: str, content: str, title: str) -> None:

@@ -41,6 +41,12 @@ RESULTS_DIR/hgd_table<N>.json / .md and, at the cpu budget, the table's section 
 --resume_dir=DIR: every evaluation keeps its attacks' finished draws in DIR (kept; see
 config.eval.resume_dir), so that an evaluation longer than a machine's life resumes on the
 next one, provided it retrains bit-identical weights (the same command on the same CPU kind).
+
+--model_store=DIR: every model the command trains or reuses is kept in
+DIR/<dataset>-<budget>/<model>/seed<k>/ (its parameters, batch statistics and
+train_summary.json; defendpp_jax/runs/store.py), and a model not in WORKDIR is taken from there
+instead of being trained when its saved config is the one asked for: the weights, and with
+--resume_dir the evaluations kept under them, outlive the machine that trained them.
 """
 
 import os
@@ -55,6 +61,7 @@ from defendpp_jax import reproduce
 from defendpp_jax.reproduce import hgd_cvpr2018
 from defendpp_jax.reproduce import hgd_runner
 from defendpp_jax.reproduce import survey
+from defendpp_jax.runs import store
 
 PAPERS = ('defendpp', 'survey', 'hgd')
 _PAPER = flags.DEFINE_enum('paper', 'defendpp', list(PAPERS), 'Which paper.')
@@ -86,6 +93,9 @@ _RESUME_DIR = flags.DEFINE_string(
     'reports are written, whose files name the weights, config, attack, images and key they '
     'hold, so that a long evaluation stopped on one machine resumes on another that retrains '
     'the same weights ("" = each evaluation\'s own partial/, removed with its report).')
+_MODEL_STORE = flags.DEFINE_string(
+    'model_store', '', 'Where every trained model is kept, and taken from instead of being '
+    'trained when its config matches ($DEFENDPP_MODEL_STORE; "" = none).')
 flags.mark_flags_as_required(['table', 'workdir'])
 
 
@@ -95,6 +105,8 @@ def main(argv):
   data_dirs = {'mnist': _MNIST.value, 'cifar10': _CIFAR.value}
   if _RESUME_DIR.value:
     os.environ[evaluation.RESUME_ENV] = os.path.abspath(_RESUME_DIR.value)
+  if _MODEL_STORE.value:
+    os.environ[store.STORE_ENV] = os.path.abspath(_MODEL_STORE.value)
   try:
     if _PAPER.value == 'hgd':
       hgd_runner.run_hgd_table(

@@ -40,6 +40,7 @@ from defendpp_jax.reproduce.defendpp_mm2020 import TRANSFER_COLUMNS
 from defendpp_jax.reproduce.defendpp_mm2020 import table_spec
 from defendpp_jax.runs import config as config_lib
 from defendpp_jax.runs import saved
+from defendpp_jax.runs import store as store_lib
 
 
 def _override(config: ml_collections.ConfigDict, overrides: dict[str, Any]) -> None:
@@ -97,21 +98,31 @@ def _has_every_row(report: dict[str, Any], config: ml_collections.ConfigDict) ->
 
 
 def _train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """The finished run of `config` in `workdir`: found there, taken from the model store
+  ($DEFENDPP_MODEL_STORE, `--model_store`) or trained; kept in the store when one is set."""
+  store = os.environ.get(store_lib.STORE_ENV, '')
   path = os.path.join(workdir, 'train_summary.json')
+  summary = None
   if os.path.isfile(path):
     with open(path) as f:
       summary = json.load(f)
-    if _same_config(summary['config'], config):
-      return summary  # trained already, with this very config
-    saved_seed = config_lib.migrate_config(summary['config'])['train']['seed']
-    if saved_seed != config.train.seed:
-      raise ValueError(f'{workdir} holds a model trained with --seed={saved_seed}; --seed='
-                       f'{config.train.seed} would retrain over it: give that seed its own '
-                       '--workdir (and --results_dir)')
-  summary = training.train_and_evaluate(config, workdir)
-  if summary.get('preempted'):
-    raise Preempted(f'training in {workdir} stopped at step {summary["step"]} on SIGTERM (saved);'
-                    ' the same command resumes it')
+    if not _same_config(summary['config'], config):
+      saved_seed = config_lib.migrate_config(summary['config'])['train']['seed']
+      if saved_seed != config.train.seed:
+        raise ValueError(f'{workdir} holds a model trained with --seed={saved_seed}; --seed='
+                         f'{config.train.seed} would retrain over it: give that seed its own '
+                         '--workdir (and --results_dir)')
+      summary = None
+  elif store:
+    summary = store_lib.import_run(workdir, store, config.train.seed,
+                                   lambda s: _same_config(s, config))
+  if summary is None:
+    summary = training.train_and_evaluate(config, workdir)
+    if summary.get('preempted'):
+      raise Preempted(f'training in {workdir} stopped at step {summary["step"]} on SIGTERM '
+                      '(saved); the same command resumes it')
+  if store:
+    store_lib.export_run(workdir, store, config.train.seed, lambda s: _same_config(s, config))
   return summary
 
 
