@@ -20,7 +20,6 @@ are the very ones an earlier machine measured, so the evaluations kept by weight
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Callable
 
@@ -44,10 +43,6 @@ def entry_dir(store: str, workdir: str, seed: int) -> str:
   return os.path.join(store, *parts, f'seed{seed}')
 
 
-def _numpy(tree: Any) -> Any:
-  return jax.tree_util.tree_map(lambda a: np.asarray(jax.device_get(a)), tree)
-
-
 def export_run(workdir: str, store: str, seed: int,
                same_config: Callable[[dict[str, Any]], bool]) -> str | None:
   """Copies the finished run in `workdir` into its entry; returns the entry's directory, or
@@ -58,8 +53,7 @@ def export_run(workdir: str, store: str, seed: int,
   entry = entry_dir(store, workdir, seed)
   path = os.path.join(entry, saved.SUMMARY)
   if os.path.isfile(path):
-    with open(path) as f:
-      kept = json.load(f)
+    kept = saved.summary_of_run(entry)
     if kept.get('params_sha256') == summary['params_sha256']:
       return None
     if same_config(kept['config']):
@@ -68,7 +62,7 @@ def export_run(workdir: str, store: str, seed: int,
             flush=True)
       return None
   variables, step = saved.restore_variables(workdir)
-  variables = _numpy(variables)
+  variables = jax.device_get(variables)
   sha = state_lib.params_sha256(variables['params'])
   if sha != summary['params_sha256'] or step != summary['step']:
     raise ValueError(f'{workdir}: its latest checkpoint (step {step}, params {sha[:12]}) is '
@@ -85,11 +79,9 @@ def import_run(workdir: str, store: str, seed: int,
   if its saved config passes `same_config`; returns its summary, or None (nothing stored, or
   stored with another config: the caller trains)."""
   entry = entry_dir(store, workdir, seed)
-  path = os.path.join(entry, saved.SUMMARY)
-  if not os.path.isfile(path):
+  if not os.path.isfile(os.path.join(entry, saved.SUMMARY)):
     return None
-  with open(path) as f:
-    summary = json.load(f)
+  summary = saved.summary_of_run(entry)
   if not same_config(summary['config']):
     print(f'model store: {entry} holds a run of another config; training anew', flush=True)
     return None
